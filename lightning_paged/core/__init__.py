@@ -1,0 +1,1 @@
+"""Framework-free core: conversion, optimizer factory, paging and eviction monitoring."""
