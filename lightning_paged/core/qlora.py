@@ -202,6 +202,10 @@ def _quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.devic
         module=new,
     )
     new.weight = weight.to(device)  # quantizes on the target device
+    # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
+    # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
+    # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.
+    new.support_avx512bf16_for_cpu = False
     if linear.bias is not None:
         new.bias = nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
     return new
@@ -231,9 +235,13 @@ def _is_norm(module: nn.Module) -> bool:
 
 
 def _cast_back_to_input_dtype(module: nn.Module, args: tuple, output: object) -> object:
-    if args and isinstance(args[0], torch.Tensor) and isinstance(output, torch.Tensor):
-        if output.dtype != args[0].dtype:
-            return output.to(args[0].dtype)
+    if (
+        args
+        and isinstance(args[0], torch.Tensor)
+        and isinstance(output, torch.Tensor)
+        and output.dtype != args[0].dtype
+    ):
+        return output.to(args[0].dtype)
     return output
 
 
@@ -251,7 +259,7 @@ def _place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.de
         if isinstance(module, bnb.nn.Linear4bit):
             continue
         norm = _is_norm(module)
-        for name, param in module.named_parameters(recurse=False):
+        for param in module.parameters(recurse=False):
             if param.is_floating_point():
                 dtype = torch.float32 if norm else floating
                 param.data = param.data.to(device=device, dtype=dtype)
@@ -307,7 +315,9 @@ def convert_to_qlora(
     skipped = [n for n in linear_names if n not in quantized]
     if not quantized:
         raise SettingError(
-            "skip_modules", config.skip_modules, f"leaves none of the {len(linear_names)} linear layers to quantize"
+            "skip_modules",
+            config.skip_modules,
+            f"leaves none of the {len(linear_names)} linear layers to quantize",
         )
     targets = _resolve_targets(config, linear_names, quantized)
 

@@ -1,0 +1,1 @@
+"""Lightning adapters over the framework-free core."""

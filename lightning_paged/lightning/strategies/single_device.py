@@ -1,0 +1,116 @@
+"""``PagedQLoRAStrategy``: NF4 QLoRA on one device, registered as ``"paged_qlora"``."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.utilities.types import _DEVICE
+from lightning.pytorch.strategies import SingleDeviceStrategy, StrategyRegistry
+from typing_extensions import override
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin, qlora_config_from
+
+_D = QLoRAConfig()
+
+
+class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
+    """Train the LightningModule's model as NF4 QLoRA on one device.
+
+    At setup, before the device move and optimizer creation, every ``nn.Linear`` of the model
+    (except ``skip_modules``) becomes a frozen bitsandbytes ``Linear4bit`` and gets a trainable
+    LoRA adapter. What is converted: ``model_attr="auto"`` takes the module's ``model`` attribute
+    when it is a torch module (a LightningModule holding a transformers model), else the whole
+    LightningModule.
+
+    Dtypes are the strategy's: 4-bit matmuls run in ``compute_dtype``, embeddings/head/biases are
+    held in it, norms and adapters in float32. ``Trainer(precision=...)`` may stay ``"32-true"`` or
+    be ``"bf16-mixed"``; true half precision is refused (casting would corrupt the 4-bit weights).
+
+    Args:
+        quant_type: 4-bit data type of the frozen base weights.
+        double_quant: Quantize the quantization constants too.
+        compute_dtype: Data type of the 4-bit matmuls and of the non-quantized weights.
+        quant_storage: Storage type of the packed 4-bit weights.
+        skip_modules: Linear layers left unquantized and unadapted (names or suffixes); default ``["lm_head"]``.
+        lora_r: LoRA rank.
+        lora_alpha: LoRA scaling numerator.
+        lora_dropout: Dropout on the adapter input.
+        target_modules: ``"all-linear"`` (every quantized layer) or a list of layer names or suffixes.
+        use_rslora: Rank-stabilised LoRA scaling.
+        use_dora: Weight-decomposed LoRA (DoRA).
+        gradient_checkpointing: Non-reentrant activation checkpointing where the model supports it.
+        upcast_non_quantized: Cast non-quantized weights to float32 (costs memory).
+        model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
+        device: The device; by default the one the Trainer's ``accelerator``/``devices`` select.
+    """
+
+    strategy_name = "paged_qlora"
+
+    def __init__(
+        self,
+        quant_type: Literal["nf4", "fp4"] = _D.quant_type,
+        double_quant: bool = _D.double_quant,
+        compute_dtype: Literal["bfloat16", "float16", "float32"] = _D.compute_dtype,
+        quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _D.quant_storage,
+        skip_modules: list[str] | None = None,
+        lora_r: int = _D.lora_r,
+        lora_alpha: int = _D.lora_alpha,
+        lora_dropout: float = _D.lora_dropout,
+        target_modules: str | list[str] = _D.target_modules,
+        use_rslora: bool = _D.use_rslora,
+        use_dora: bool = _D.use_dora,
+        gradient_checkpointing: bool = _D.gradient_checkpointing,
+        upcast_non_quantized: bool = _D.upcast_non_quantized,
+        model_attr: str | None = "auto",
+        device: _DEVICE | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        checkpoint_io: Any = None,
+        precision_plugin: Any = None,
+    ) -> None:
+        config = qlora_config_from(locals())
+        super().__init__(
+            device=device if device is not None else "cpu",
+            accelerator=accelerator,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+        )
+        self._init_qlora(config, model_attr)
+        self._explicit_device = device is not None
+        # Filled by the Trainer from accelerator/devices when the strategy is built from its name.
+        self.parallel_devices: list[torch.device] | None = None
+
+    @property
+    @override
+    def root_device(self) -> torch.device:
+        if not self._explicit_device and self.parallel_devices:
+            return torch.device(self.parallel_devices[0])
+        return self._root_device
+
+    @override
+    def setup_environment(self) -> None:
+        if not self._explicit_device and self.parallel_devices and len(self.parallel_devices) > 1:
+            raise SettingError(
+                "trainer.devices",
+                len(self.parallel_devices),
+                "is more than one device, which paged_qlora cannot use; "
+                "use strategy='paged_qlora_ddp' for data parallel training, or devices=1",
+            )
+        super().setup_environment()
+
+    @override
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._check_precision()
+        assert self.model is not None
+        self._convert(self.lightning_module, self.root_device)  # type: ignore[arg-type]
+        super().setup(trainer)
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA) on one device"
+        )
