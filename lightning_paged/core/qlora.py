@@ -10,7 +10,7 @@ import logging
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -201,7 +201,7 @@ def _quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.devic
         quant_storage=STORAGE_DTYPES[config.quant_storage],
         module=new,
     )
-    new.weight = weight.to(device)  # quantizes on the target device
+    new.weight = weight.to(device)  # type: ignore[misc]  # quantizes on the target device
     # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
     # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
     # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.
@@ -213,7 +213,7 @@ def _quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.devic
 
 def quantized_weight_bytes(layer: nn.Module) -> int:
     """Bytes of a ``Linear4bit`` weight: packed data plus its absmax constants (code tables excluded)."""
-    weight = layer.weight
+    weight: Any = layer.weight
     total = weight.data.numel() * weight.data.element_size()
     state = getattr(weight, "quant_state", None)
     if state is not None:
@@ -267,7 +267,7 @@ def _place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.de
             module.register_forward_hook(_cast_back_to_input_dtype)
 
 
-def _enable_checkpointing(model: nn.Module) -> bool:
+def _enable_checkpointing(model: Any) -> bool:
     if not getattr(model, "supports_gradient_checkpointing", False):
         return False
     kwargs = {"use_reentrant": False}
@@ -393,7 +393,7 @@ def restore_training_layout(layers: Iterable[nn.Module]) -> int:
 
     restored = 0
     for layer in layers:
-        weight = layer.weight
+        weight: Any = layer.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
             weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)

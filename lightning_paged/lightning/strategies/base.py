@@ -51,7 +51,7 @@ class QLoRAStrategyMixin:
         self.qlora = config
         self.model_attr = model_attr
         self.conversion_report = None
-        self._converted: pl.LightningModule | None = None
+        self._converted: Any = None  # the LightningModule converted, once setup ran
         self._layers4bit: list[torch.nn.Module] = []
         self._trainable_keys: set[str] = set()
 
@@ -89,13 +89,13 @@ class QLoRAStrategyMixin:
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Only the trainable weights: the frozen base is rebuilt from the model source on load."""
-        module = self.lightning_module  # type: ignore[attr-defined]
+        module: Any = self.lightning_module  # type: ignore[attr-defined]
         if self._converted is not module:
             return module.state_dict()
         return {n: p.detach() for n, p in module.named_parameters() if n in self._trainable_keys}
 
     def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
-        module = self.lightning_module  # type: ignore[attr-defined]
+        module: Any = self.lightning_module  # type: ignore[attr-defined]
         if self._converted is not module:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)
             return

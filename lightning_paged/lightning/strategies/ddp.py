@@ -9,7 +9,7 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
@@ -109,7 +109,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
 
     @classmethod
     @override
-    def register_strategies(cls, strategy_registry: StrategyRegistry) -> None:
+    def register_strategies(cls, strategy_registry: Any) -> None:
         strategy_registry.register(
             cls.strategy_name, cls, description="NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA), data parallel"
         )
