@@ -1,0 +1,328 @@
+"""Building a bitsandbytes optimizer from a name, its parameter groups and its learning-rate schedule.
+
+One table, :data:`OPTIMIZERS`, maps every name that transformers' ``TrainingArguments.optim``
+and Ludwig's optimizer ``type`` give a bitsandbytes optimizer to the algorithm, the state bit
+width and paging. :func:`build_optimizer` also takes a dotted class path or a callable.
+Framework-free: the Lightning mixin, Fabric and Accelerate users call the same functions.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import importlib
+import inspect
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch.optim.lr_scheduler import LambdaLR
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.paging import PagingPolicy, install_paging, is_bitsandbytes_optimizer, warn_once
+
+SCHEDULERS = ("constant", "linear", "cosine")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """What an optimizer name builds."""
+
+    algorithm: str
+    """Class in ``bitsandbytes.optim`` that runs the algorithm at any bit width (``AdamW``, ``Lion``, ...)."""
+    bits: Literal[8, 32]
+    """Bits per state value; 8-bit state applies to parameters of at least 4,096 elements (``min_8bit_size``)."""
+    paged: bool = False
+    """State in unified memory that the driver can evict to host RAM under memory pressure."""
+    origin: str = "transformers"
+    """Which tool spells the name this way (``transformers``: ``TrainingArguments.optim``; ``Ludwig``: optimizer type)."""
+    defaults: tuple[tuple[str, Any], ...] = ()
+    """Keyword arguments the name implies unless given (bitsandbytes' SGD and LARS refuse zero momentum)."""
+
+    @property
+    def optimizer_class(self) -> type[torch.optim.Optimizer]:
+        import bitsandbytes as bnb
+
+        return getattr(bnb.optim, self.algorithm)
+
+
+def _spec(
+    algorithm: str, bits: Literal[8, 32], paged: bool = False, origin: str = "transformers", **defaults: Any
+):
+    return OptimizerSpec(algorithm, bits, paged, origin, tuple(defaults.items()))
+
+
+_BOTH = "transformers, Ludwig"
+_MOMENTUM = 0.9
+
+OPTIMIZERS: dict[str, OptimizerSpec] = {
+    # transformers' TrainingArguments.optim names for bitsandbytes optimizers
+    "adamw_bnb_8bit": _spec("AdamW", 8),
+    "adamw_8bit": _spec("AdamW", 8, origin=_BOTH),
+    "paged_adamw_32bit": _spec("AdamW", 32, paged=True),
+    "paged_adamw_8bit": _spec("AdamW", 8, paged=True, origin=_BOTH),
+    "ademamix": _spec("AdEMAMix", 32),
+    "ademamix_8bit": _spec("AdEMAMix", 8),
+    "paged_ademamix_32bit": _spec("AdEMAMix", 32, paged=True),
+    "paged_ademamix_8bit": _spec("AdEMAMix", 8, paged=True),
+    "lion_32bit": _spec("Lion", 32),
+    "lion_8bit": _spec("Lion", 8, origin=_BOTH),
+    "paged_lion_32bit": _spec("Lion", 32, paged=True),
+    "paged_lion_8bit": _spec("Lion", 8, paged=True, origin=_BOTH),
+    "rmsprop_bnb": _spec("RMSprop", 32),
+    "rmsprop_bnb_8bit": _spec("RMSprop", 8),
+    "rmsprop_bnb_32bit": _spec("RMSprop", 32),
+    # Ludwig's optimizer types (its torch-only ones build the bitsandbytes 32-bit version)
+    "adam": _spec("Adam", 32, origin="Ludwig"),
+    "adam_8bit": _spec("Adam", 8, origin="Ludwig"),
+    "paged_adam": _spec("Adam", 32, paged=True, origin="Ludwig"),
+    "paged_adam_8bit": _spec("Adam", 8, paged=True, origin="Ludwig"),
+    "adamw": _spec("AdamW", 32, origin="Ludwig"),
+    "paged_adamw": _spec("AdamW", 32, paged=True, origin="Ludwig"),
+    "lion": _spec("Lion", 32, origin="Ludwig"),
+    "paged_lion": _spec("Lion", 32, paged=True, origin="Ludwig"),
+    "sgd": _spec("SGD", 32, origin=_BOTH, momentum=_MOMENTUM),
+    "sgd_8bit": _spec("SGD", 8, origin="Ludwig", momentum=_MOMENTUM),
+    "rmsprop": _spec("RMSprop", 32, origin=_BOTH),
+    "rmsprop_8bit": _spec("RMSprop", 8, origin="Ludwig"),
+    "adagrad": _spec("Adagrad", 32, origin=_BOTH),
+    "adagrad_8bit": _spec("Adagrad", 8, origin="Ludwig"),
+    "lamb": _spec("LAMB", 32, origin="Ludwig"),
+    "lamb_8bit": _spec("LAMB", 8, origin="Ludwig"),
+    "lars": _spec("LARS", 32, origin="Ludwig", momentum=_MOMENTUM),
+    "lars_8bit": _spec("LARS", 8, origin="Ludwig", momentum=_MOMENTUM),
+}
+"""Every optimizer name, keyed as transformers and Ludwig spell it."""
+
+COMMON_SETTINGS = ("lr", "betas", "eps", "weight_decay")
+"""Settings every name is given; an algorithm that has no such setting (Lion has no ``eps``) ignores it."""
+
+
+@dataclass
+class OptimizerConfig:
+    """Settings of the optimizer and its learning-rate schedule. The single source of their defaults."""
+
+    name: str = "paged_adamw_8bit"
+    """An optimizer name (see ``docs/optimizers.md``) or a dotted class path such as ``torch.optim.AdamW``."""
+    lr: float = 2e-4
+    """Peak learning rate (after warmup)."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay; never applied to biases and norm weights."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Decay rates of the moment estimates (AdEMAMix adds its third, 0.9999; RMSprop and SGD have none)."""
+    eps: float = 1e-8
+    """Term added to the denominator for numerical stability."""
+    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    """Learning-rate decay after warmup, stepped once per optimizer step; linear and cosine end at 0."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup, from ``lr / (warmup_steps + 1)`` up to ``lr``."""
+    page_adapters: bool = True
+    """Page the state of small parameters (LoRA adapters) too, which bitsandbytes leaves unpaged below 100,000 elements."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Further keyword arguments for the optimizer class (``momentum`` for sgd, ``alpha`` for ademamix)."""
+
+    def validate(self) -> None:
+        """Raise :class:`SettingError` naming the first bad setting."""
+        if not isinstance(self.name, str) or not self.name:
+            raise SettingError("name", self.name, "must be an optimizer name or a dotted class path")
+        if "." not in self.name:
+            resolve_name(self.name)
+        if not self.lr > 0:
+            raise SettingError("lr", self.lr, "must be positive (typical for QLoRA: 1e-4 to 3e-4)")
+        if self.weight_decay < 0:
+            raise SettingError("weight_decay", self.weight_decay, "must be zero or positive")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise SettingError("betas", self.betas, "must be two numbers in [0, 1), such as [0.9, 0.999]")
+        if self.eps < 0:
+            raise SettingError("eps", self.eps, "must be zero or positive")
+        if self.scheduler not in SCHEDULERS:
+            raise SettingError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULERS)}")
+        if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise SettingError("warmup_steps", self.warmup_steps, "must be a whole number, 0 or more")
+
+    def optimizer_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for :func:`build_optimizer`."""
+        common = dict(lr=self.lr, betas=tuple(self.betas), eps=self.eps, weight_decay=self.weight_decay)
+        return {**common, **self.kwargs}
+
+
+def resolve_name(name: str) -> OptimizerSpec:
+    """The spec of an optimizer name, or a :class:`SettingError` that suggests the closest."""
+    spec = OPTIMIZERS.get(name)
+    if spec is not None:
+        return spec
+    close = difflib.get_close_matches(name, OPTIMIZERS, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    raise SettingError(
+        "name",
+        name,
+        f"is not an optimizer name{hint}; valid names: {', '.join(OPTIMIZERS)}; or give a dotted class path "
+        "such as torch.optim.AdamW",
+    )
+
+
+def _import_path(path: str) -> Callable[..., torch.optim.Optimizer]:
+    module_name, _, attr = path.rpartition(".")
+    try:
+        target = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise SettingError("name", path, f"names nothing importable ({err})") from err
+    if not callable(target):
+        raise SettingError("name", path, "names no class or function that builds an optimizer")
+    return target
+
+
+def _fit_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """Drop common settings the factory has no parameter for; refuse any other unknown keyword."""
+    try:
+        params = inspect.signature(factory).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: pass everything
+        return kwargs
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return kwargs
+    fitted: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        if key in params:
+            fitted[key] = value
+        elif key not in COMMON_SETTINGS:
+            accepted = ", ".join(k for k in params if k not in ("self", "params"))
+            raise SettingError(
+                key,
+                value,
+                f"is not a setting of {getattr(factory, '__name__', factory)}; it takes {accepted}",
+            )
+    default_betas = params["betas"].default if "betas" in params else None
+    betas = fitted.get("betas")
+    if isinstance(default_betas, tuple) and betas is not None and len(betas) < len(default_betas):
+        fitted["betas"] = (*betas, *default_betas[len(betas) :])  # AdEMAMix's beta3
+    return fitted
+
+
+def _first_device(params: list[Any]) -> torch.device | None:
+    for item in params:
+        tensors = item["params"] if isinstance(item, Mapping) else [item]
+        for tensor in tensors:
+            return tensor.device
+    return None
+
+
+def build_optimizer(
+    name: str | Callable[..., torch.optim.Optimizer],
+    params: Iterable[Any],
+    *,
+    paging: PagingPolicy | None = None,
+    **kwargs: Any,
+) -> torch.optim.Optimizer:
+    """Build an optimizer from a name in :data:`OPTIMIZERS`, a dotted class path or a callable.
+
+    ``params`` are tensors or parameter groups, already on their training device (paging is
+    decided from it). ``kwargs`` go to the optimizer class; of :data:`COMMON_SETTINGS` those
+    the algorithm has no parameter for are dropped. Every bitsandbytes optimizer gets ``paging``
+    (default: adapters paged too, through a pool); where its device has no managed memory, a
+    paged name keeps ordinary state and says so once per run.
+    """
+    params = list(params)
+    if not params:
+        raise SettingError("params", params, "is empty; the model has no trainable parameters to optimize")
+    label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
+    if isinstance(name, str) and "." not in name:
+        spec = resolve_name(name)
+        cls: Any = spec.optimizer_class
+        for fixed in ("optim_bits", "is_paged"):
+            if fixed in kwargs:
+                raise SettingError(
+                    fixed, kwargs[fixed], f"is set by the optimizer name {name!r}; choose another name"
+                )
+        kwargs = {**dict(spec.defaults), **kwargs}
+        factory: Callable[..., torch.optim.Optimizer] = functools.partial(cls, optim_bits=spec.bits)
+        if spec.paged:
+            factory = functools.partial(factory, is_paged=True)
+        fitted = _fit_kwargs(cls, kwargs)
+    else:
+        factory = _import_path(name) if isinstance(name, str) else name
+        fitted = _fit_kwargs(factory, kwargs)
+    try:
+        optimizer = factory(params, **fitted)
+    except (ValueError, NotImplementedError, TypeError) as err:
+        raise SettingError("name", label, f"cannot be built with {fitted}: {err}") from err
+    if is_bitsandbytes_optimizer(optimizer):
+        policy = paging or PagingPolicy()
+        install_paging(optimizer, policy)
+        device = _first_device(params)
+        reason = policy.memory.unavailable_reason(device) if device is not None else None
+        if getattr(optimizer, "is_paged", False) and reason is not None:
+            warn_once(
+                reason,
+                f"{label}: {reason}; optimizer state stays in ordinary memory "
+                "(on a CUDA GPU it would be paged). Shown once per run.",
+            )
+    return optimizer
+
+
+def _is_no_decay(name: str, param: torch.Tensor) -> bool:
+    return param.ndim < 2 or name.endswith("bias") or "norm" in name.lower()
+
+
+def param_groups(
+    named_params: Iterable[tuple[str, torch.Tensor]], weight_decay: float
+) -> list[dict[str, Any]]:
+    """Trainable parameters in groups: weight decay on matrices, none on biases and norm weights."""
+    decay: list[torch.Tensor] = []
+    no_decay: list[torch.Tensor] = []
+    for name, param in named_params:
+        if param.requires_grad:
+            (no_decay if _is_no_decay(name, param) else decay).append(param)
+    if not weight_decay:
+        return [{"params": decay + no_decay, "weight_decay": 0.0}] if decay or no_decay else []
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+def lr_factor(
+    step: int,
+    scheduler: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: int | None = None,
+) -> float:
+    """Multiplier of the peak learning rate at optimizer step ``step`` (counted from 0).
+
+    Warmup rises linearly from ``1 / (warmup_steps + 1)`` so no step runs at a zero rate; linear
+    and cosine decay then reach 0 at ``total_steps``.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if scheduler == "constant":
+        return 1.0
+    assert total_steps is not None, "linear and cosine schedules need total_steps"
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if scheduler == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    scheduler: str = "constant",
+    warmup_steps: int = 0,
+    total_steps: float | None = None,
+) -> LambdaLR:
+    """A ``LambdaLR`` over :func:`lr_factor`, to be stepped once per optimizer step."""
+    if scheduler not in SCHEDULERS:
+        raise SettingError("scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
+    if scheduler != "constant" and (
+        total_steps is None or not math.isfinite(total_steps) or total_steps <= 0
+    ):
+        raise SettingError(
+            "scheduler",
+            scheduler,
+            f"needs a known number of training steps (got {total_steps}); set trainer.max_steps or use constant",
+        )
+    if total_steps is not None and warmup_steps >= total_steps:
+        raise SettingError(
+            "warmup_steps", warmup_steps, f"must be smaller than the {total_steps} training steps"
+        )
+    total = int(total_steps) if total_steps is not None and math.isfinite(total_steps) else None
+    schedule = functools.partial(lr_factor, scheduler=scheduler, warmup_steps=warmup_steps, total_steps=total)
+    return LambdaLR(optimizer, schedule)
