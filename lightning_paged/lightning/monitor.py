@@ -1,0 +1,254 @@
+"""EvictionMonitor: unified-memory eviction per training step, next to the batch's sequence length."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks.callback import Callback
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.types import STEP_OUTPUT
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.eviction.paged import PagedBytes
+from lightning_paged.core.eviction.recorder import EvictionRecorder
+from lightning_paged.core.eviction.records import StepRecord
+from lightning_paged.core.eviction.sources import SOURCE_SETTINGS, MemoryProbe, open_source
+from lightning_paged.core.eviction.sources.base import OnceNotifier
+from lightning_paged.core.eviction.summary import Summary
+
+PREFIX = "eviction/"
+LOG_NAME = "eviction_events.jsonl"
+SUMMARY_NAME = "eviction_summary.txt"
+METRIC_FIELDS = (
+    "seq_len",
+    "tokens",
+    "long_sequence",
+    "evicted_bytes",
+    "paged_in_bytes",
+    "gpu_page_faults",
+    "thrashing_events",
+    "optimizer_step_s",
+    "step_s",
+    "device_free_bytes",
+    "alloc_retries",
+    "ooms",
+    "paged_bytes_total",
+)
+
+
+class EvictionMonitor(Callback):
+    r"""Records, for every training step, how much paged memory the driver moved and how long the batch was.
+
+    Each step becomes one line of a JSONL event log (see ``docs/monitor.md`` for every field), and the
+    same figures go to the Trainer's loggers every ``log_every_n_steps``. At the end of ``fit`` a
+    summary table is printed on rank zero and written next to the log. On DDP each rank records its
+    own device into its own file (``eviction_events.rank<N>.jsonl``).
+
+    The monitor never reads the contents of paged tensors: that would migrate their pages to the host.
+
+    **Logged metrics** (all per step; a metric the active source cannot measure is not logged)
+
+    - ``eviction/seq_len`` — padded sequence length of the batch
+    - ``eviction/tokens`` — real tokens in the batch (sum of ``attention_mask``)
+    - ``eviction/long_sequence`` — 1 when the step counts as a long-sequence step, else 0
+    - ``eviction/evicted_bytes`` — bytes the driver evicted from the GPU to host memory
+    - ``eviction/paged_in_bytes`` — bytes migrated from host memory to the GPU
+    - ``eviction/gpu_page_faults`` — GPU page-fault groups on managed memory (CUPTI only)
+    - ``eviction/thrashing_events`` — thrashing records (CUPTI only)
+    - ``eviction/optimizer_step_s`` — wall time of ``optimizer.step()``
+    - ``eviction/step_s`` — wall time of the whole training step
+    - ``eviction/device_free_bytes`` — lowest free device memory seen during the step
+    - ``eviction/alloc_retries`` — caching-allocator retries during the step
+    - ``eviction/ooms`` — out-of-memory errors during the step
+    - ``eviction/paged_bytes_total`` — bytes of all bitsandbytes paged tensors (sizes only)
+
+    With the ``pressure`` source the eviction and page-in figures are estimates; the log marks them
+    with ``"estimated": true``.
+
+    Example::
+
+        from lightning import Trainer
+        from lightning_paged.lightning.monitor import EvictionMonitor
+
+        trainer = Trainer(callbacks=[EvictionMonitor(long_sequence_threshold=2048)])
+    """
+
+    def __init__(
+        self,
+        source: Literal["auto", "cupti", "pressure", "none"] = "auto",
+        log_path: str | None = None,
+        long_sequence_threshold: int | None = None,
+        seq_len_fn: Callable[[Any], int | tuple[int, int | None]] | None = None,
+        log_metrics: bool = True,
+        summary_top_k: int = 5,
+    ) -> None:
+        """
+        Args:
+            source: Where eviction events come from. ``"auto"``: CUPTI unified-memory counters when
+                cupti-python is installed and CUPTI supports them here, else memory-pressure estimates on
+                a CUDA device, else none (CPU). ``"cupti"`` or ``"pressure"`` force one (with a warning and
+                the same fallback when it cannot run); ``"none"`` records lengths and times only.
+            log_path: JSONL event log. Default: ``eviction_events.jsonl`` in the Trainer's log directory
+                (``trainer.log_dir``, else ``default_root_dir``). Runs append to an existing file.
+            long_sequence_threshold: Sequence lengths at or above this count as long. Unset: a step is
+                long when its length is above the 90th percentile of the lengths seen so far.
+            seq_len_fn: For batches that are not a mapping with ``input_ids``/``attention_mask`` or a
+                tensor: a function from the batch to its padded length, or to ``(length, real_tokens)``.
+            log_metrics: Also send the figures to the Trainer's loggers under ``eviction/``.
+            summary_top_k: How many of the slowest steps the end-of-fit summary lists.
+        """
+        super().__init__()
+        if source not in SOURCE_SETTINGS:
+            raise SettingError("source", source, f"must be one of {', '.join(SOURCE_SETTINGS)}")
+        if long_sequence_threshold is not None and (
+            not isinstance(long_sequence_threshold, int) or long_sequence_threshold <= 0
+        ):
+            raise SettingError(
+                "long_sequence_threshold", long_sequence_threshold, "must be a positive integer or unset"
+            )
+        if not isinstance(summary_top_k, int) or summary_top_k < 0:
+            raise SettingError("summary_top_k", summary_top_k, "must be an integer >= 0")
+        if seq_len_fn is not None and not callable(seq_len_fn):
+            raise SettingError("seq_len_fn", seq_len_fn, "must be a function of the batch (an import path)")
+        self.source = source
+        self.log_path = log_path
+        self.long_sequence_threshold = long_sequence_threshold
+        self.seq_len_fn = seq_len_fn
+        self.log_metrics = log_metrics
+        self.summary_top_k = summary_top_k
+        self.probe: MemoryProbe | None = None
+        """Replaces the pressure source's CUDA reader (tests, other devices). Set before ``fit``."""
+        self.recorder: EvictionRecorder | None = None
+        self.summary: Summary | None = None
+        self.path: Path | None = None
+        self._log_dir: Path | None = None
+
+    @override
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank calls it
+        self._log_dir = Path(log_dir)
+        base = Path(self.log_path) if self.log_path else self._log_dir / LOG_NAME
+        self.path = rank_path(base, trainer.global_rank, trainer.world_size)
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        device = trainer.strategy.root_device
+        notify = OnceNotifier(_warn)
+        source = open_source(self.source, device, probe=self.probe, notify=notify)
+        self.summary = None
+        self.recorder = EvictionRecorder(
+            source,
+            self.path,
+            long_sequence_threshold=self.long_sequence_threshold,
+            seq_len_fn=self.seq_len_fn,
+            rank=trainer.global_rank,
+            top_k=self.summary_top_k,
+            paged_bytes=PagedBytes(device.index if device.type == "cuda" else None),
+            notify=notify,
+        )
+
+    @override
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
+        if self.recorder is not None:
+            self.recorder.begin_step(batch)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Optimizer
+    ) -> None:
+        super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        if self.recorder is not None:
+            self.recorder.begin_optimizer_step()
+
+    @override
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: STEP_OUTPUT,
+        batch: Any,
+        batch_idx: int,
+    ) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.recorder is None:
+            return
+        record = self.recorder.end_step()
+        if self.log_metrics and trainer.loggers and trainer._logger_connector.should_update_logs:
+            metrics = record_metrics(record)
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_end(trainer, pl_module)
+        if self.recorder is None:
+            return
+        self.summary = self.recorder.close()
+        self.recorder = None
+        summaries = _gather(self.summary, trainer.world_size)
+        if trainer.is_global_zero:
+            text = "\n\n".join(s.render() for s in summaries)
+            rank_zero_info(text)
+            if self._log_dir is not None:
+                self._log_dir.mkdir(parents=True, exist_ok=True)
+                (self._log_dir / SUMMARY_NAME).write_text(text + "\n", encoding="utf-8")
+
+    @override
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._close()
+
+    @override
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().teardown(trainer, pl_module, stage)
+        self._close()
+
+    def _close(self) -> None:
+        if self.recorder is not None:
+            self.summary = self.recorder.close()
+            self.recorder = None
+
+
+def rank_path(path: Path, rank: int, world_size: int) -> Path:
+    """``path`` itself on one process; ``<stem>.rank<N><suffix>`` per rank when there are several."""
+    if world_size <= 1:
+        return path
+    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
+
+
+def record_metrics(record: StepRecord) -> dict[str, float]:
+    """The logger metrics of a record: ``eviction/<field>``, unmeasured fields left out."""
+    metrics = {}
+    for name in METRIC_FIELDS:
+        value = getattr(record, name)
+        if value is not None:
+            metrics[PREFIX + name] = float(value)
+    return metrics
+
+
+def _warn(message: str) -> None:
+    rank_zero_warn(f"EvictionMonitor: {message}")
+
+
+def _gather(summary: Summary, world_size: int) -> list[Summary]:
+    """Every rank's summary on every rank (just this one without a process group)."""
+    if world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [summary]
+    gathered: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, summary.to_dict())
+    return [Summary.from_dict(d) for d in gathered]

@@ -1,0 +1,233 @@
+"""``lightning-paged report LOG --out FILE``: plot an eviction event log and print its summary.
+
+The plot has three panels over the steps: sequence length (long-sequence steps marked), bytes
+evicted to host and paged back in, and step time (with the optimizer's share). ``--out`` takes
+``.png``, ``.svg``, ``.pdf`` or ``.html`` (one self-contained page: the plot inlined as base64 PNG and
+the summary). The output appears complete or not at all: it is written to a temporary file in the
+same directory and renamed over the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from lightning_paged.core.eviction.log import read_jsonl
+from lightning_paged.core.eviction.records import StepRecord
+from lightning_paged.core.eviction.summary import summarize
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
+MIB = 1024 * 1024
+
+
+class ReportError(Exception):
+    """A problem with the user's input, reported as one line and a non-zero exit."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lightning-paged report",
+        description="Plot an EvictionMonitor event log (sequence length, evicted bytes, step time) "
+        "and print its summary.",
+    )
+    parser.add_argument("log", help="JSONL event log written by the EvictionMonitor")
+    parser.add_argument(
+        "--out", help=f"write the plot here; the suffix picks the format ({', '.join(PLOT_SUFFIXES)})"
+    )
+    parser.add_argument(
+        "--run",
+        type=int,
+        default=-1,
+        help="which run of a log that several runs appended to: 0 the first, -1 the last (default)",
+    )
+    parser.add_argument("--top", type=int, default=5, help="slowest steps listed in the summary (default 5)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the report; returns the process exit code (0 on success, 2 on bad input)."""
+    args = build_parser().parse_args(argv)
+    try:
+        records, run_note = load_run(Path(args.log), args.run)
+        summary = summarize(records, top_k=max(0, args.top))
+        print(run_note)
+        print(summary.render())
+        if args.out:
+            out = Path(args.out)
+            write_plot(
+                records, out, title=f"{Path(args.log).name}: {run_note}", summary_text=summary.render()
+            )
+            print(f"wrote {out}")
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def load_run(path: Path, run: int = -1) -> tuple[list[StepRecord], str]:
+    """The records of one run in ``path`` and a line describing it. Skipped lines are reported on stderr."""
+    try:
+        content = read_jsonl(path)
+    except FileNotFoundError:
+        raise ReportError(f"{path} does not exist") from None
+    except IsADirectoryError:
+        raise ReportError(f"{path} is a directory; give the .jsonl file") from None
+    except ValueError as err:
+        raise ReportError(f"{err}; expected a JSONL event log") from None
+    records: list[StepRecord] = []
+    bad = list(content.bad_lines)
+    for number, data in enumerate(content.records, start=1):
+        try:
+            records.append(StepRecord.from_dict(data))
+        except (ValueError, TypeError) as err:
+            bad.append((number, str(err)))
+    if not records:
+        detail = f" (first problem: line {bad[0][0]}: {bad[0][1]})" if bad else " (the file is empty)"
+        raise ReportError(f"{path} holds no eviction records{detail}; expected an EvictionMonitor JSONL log")
+    if bad:
+        shown = "; ".join(f"line {n}: {why}" for n, why in bad[:3])
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        print(f"warning: skipped {len(bad)} line(s) of {path}: {shown}{more}", file=sys.stderr)
+    runs: dict[str, list[StepRecord]] = {}
+    for record in records:
+        runs.setdefault(record.run, []).append(record)
+    ids = list(runs)
+    if not -len(ids) <= run < len(ids):
+        raise ReportError(f"--run {run} is out of range: the log holds {len(ids)} run(s)")
+    chosen = ids[run]
+    note = f"run {chosen} ({ids.index(chosen) + 1} of {len(ids)}), {len(runs[chosen])} steps"
+    return runs[chosen], note
+
+
+def write_plot(records: list[StepRecord], out: Path, title: str = "", summary_text: str = "") -> None:
+    """Write the three-panel plot (or the HTML page) to ``out``, atomically."""
+    suffix = out.suffix.lower()
+    if suffix not in PLOT_SUFFIXES:
+        raise ReportError(f"--out must end with one of {', '.join(PLOT_SUFFIXES)}; got {out.name!r}")
+    if not out.parent.exists():
+        raise ReportError(f"the directory of --out does not exist: {out.parent}")
+    figure = _figure(records, title)
+    if suffix == ".html":
+        png = io.BytesIO()
+        figure.savefig(png, format="png", dpi=110)
+        payload = _html_page(title, base64.b64encode(png.getvalue()).decode("ascii"), summary_text)
+        _atomic_write(out, payload.encode("utf-8"))
+    else:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=suffix[1:], dpi=110)
+        _atomic_write(out, buffer.getvalue())
+
+
+def _figure(records: list[StepRecord], title: str) -> Any:
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ReportError("plotting needs matplotlib: pip install lightning-paged[plot]") from None
+
+    steps = [r.step for r in records]
+    figure = Figure(figsize=(10, 8), layout="constrained")
+    FigureCanvasAgg(figure)  # Agg, without touching pyplot's global backend
+    ax_len, ax_mem, ax_time = figure.subplots(3, 1, sharex=True)
+
+    ax_len.plot(steps, [r.seq_len or 0 for r in records], color="tab:blue", lw=1, label="sequence length")
+    long_steps = [r for r in records if r.long_sequence]
+    if long_steps:
+        ax_len.scatter(
+            [r.step for r in long_steps],
+            [r.seq_len or 0 for r in long_steps],
+            color="tab:red",
+            s=14,
+            zorder=3,
+            label="long-sequence step",
+        )
+    ax_len.set_ylabel("sequence length")
+    ax_len.legend(loc="upper left", fontsize=8)
+
+    estimated = any(r.estimated for r in records)
+    measured = [r for r in records if r.evicted_bytes is not None or r.paged_in_bytes is not None]
+    if measured:
+        width = 0.4
+        ax_mem.bar(
+            [r.step - width / 2 for r in measured],
+            [(r.evicted_bytes or 0) / MIB for r in measured],
+            width=width,
+            color="tab:red",
+            label="evicted to host",
+        )
+        ax_mem.bar(
+            [r.step + width / 2 for r in measured],
+            [(r.paged_in_bytes or 0) / MIB for r in measured],
+            width=width,
+            color="tab:green",
+            label="paged in to GPU",
+        )
+        ax_mem.legend(loc="upper left", fontsize=8)
+    else:
+        ax_mem.text(
+            0.5,
+            0.5,
+            f"no eviction figures (source: {records[0].source})",
+            ha="center",
+            va="center",
+            transform=ax_mem.transAxes,
+            color="gray",
+        )
+    ax_mem.set_ylabel("MiB (estimated)" if estimated else "MiB")
+
+    ax_time.plot(steps, [r.step_s for r in records], color="black", lw=1, label="step")
+    opt = [r for r in records if r.optimizer_step_s is not None]
+    if opt:
+        ax_time.plot(
+            [r.step for r in opt],
+            [r.optimizer_step_s for r in opt],
+            color="tab:orange",
+            lw=1,
+            label="optimizer step",
+        )
+    ax_time.set_ylabel("seconds")
+    ax_time.set_xlabel("step")
+    ax_time.legend(loc="upper left", fontsize=8)
+
+    for ax in (ax_len, ax_mem, ax_time):
+        ax.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure
+
+
+def _html_page(title: str, png_base64: str, summary_text: str) -> str:
+    t = html.escape(title or "Eviction report")
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        f"<title>{t}</title>"
+        "<style>body{font-family:sans-serif;margin:2em;max-width:1100px}"
+        "pre{background:#f6f6f6;padding:1em;overflow:auto}</style></head><body>"
+        f"<h1>Eviction report</h1><p>{t}</p>"
+        f"<img alt='sequence length, evicted bytes and step time per step' "
+        f"src='data:image/png;base64,{png_base64}' style='max-width:100%'>"
+        f"<h2>Summary</h2><pre>{html.escape(summary_text)}</pre>"
+        "</body></html>\n"
+    )
+
+
+def _atomic_write(out: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,216 @@
+"""EvictionMonitor in real (tiny, CPU) Lightning fits."""
+
+from __future__ import annotations
+
+import csv
+import warnings
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.eviction.log import read_jsonl
+from lightning_paged.core.eviction.sources import MemorySample
+from lightning_paged.lightning.monitor import METRIC_FIELDS, EvictionMonitor, rank_path
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+LENGTHS = [8, 12, 40, 10, 16, 48, 9, 11]
+LONG = 32
+
+
+class FakeProbe:
+    """Device memory as numbers; the module below evicts on long batches and pages back in at the optimizer."""
+
+    def __init__(self) -> None:
+        self.resident, self.reserved = 4 * GIB, 2 * GIB
+
+    def sample(self) -> MemorySample:
+        return MemorySample(16 * GIB - self.resident - self.reserved, 16 * GIB, self.reserved, 0, 0)
+
+    def synchronize(self) -> None:
+        pass
+
+    def move(self, n: int) -> None:
+        self.resident -= n
+        self.reserved += n
+
+
+class TinyLM(pl.LightningModule):
+    def __init__(self, probe: FakeProbe | None = None) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 16)
+        self.head = nn.Linear(16, 64)
+        self.probe = probe
+        self.evicted = 0
+
+    def training_step(self, batch, batch_idx):
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        logits = self.head(self.embed(ids))
+        loss = nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
+        if self.probe is not None and ids.shape[-1] >= LONG:  # a long batch's activations push state out
+            self.evicted = 96 * MIB
+            self.probe.move(self.evicted)
+        return loss
+
+    def optimizer_step(self, *args, **kwargs):
+        super().optimizer_step(*args, **kwargs)
+        if self.probe is not None and self.evicted:  # the optimizer touches its state: paged back in
+            self.probe.move(-self.evicted)
+            self.evicted = 0
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def batches(lengths: list[int]) -> list[dict[str, torch.Tensor]]:
+    out = []
+    for n in lengths:
+        mask = torch.ones(2, n, dtype=torch.long)
+        mask[1, n // 2 :] = 0  # second row half padding
+        out.append({"input_ids": torch.randint(0, 64, (2, n)), "attention_mask": mask})
+    return out
+
+
+def fit(
+    tmp_path: Path, monitor: EvictionMonitor, model: TinyLM | None = None, **trainer_kwargs
+) -> pl.Trainer:
+    torch.manual_seed(0)
+    loader = DataLoader(batches(LENGTHS), batch_size=None, shuffle=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        logger=CSVLogger(tmp_path, name="run"),
+        callbacks=[monitor],
+        log_every_n_steps=1,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        **trainer_kwargs,
+    )
+    trainer.fit(model or TinyLM(), train_dataloaders=loader)
+    return trainer
+
+
+def test_monitor_writes_one_line_per_step_logs_metrics_and_a_summary(tmp_path):
+    monitor = EvictionMonitor(long_sequence_threshold=LONG)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer = fit(tmp_path, monitor)
+    reasons = [w for w in caught if "No unified-memory eviction events" in str(w.message)]
+    assert len(reasons) == 1 and "not on a CUDA GPU" in str(reasons[0].message)
+
+    log_dir = Path(trainer.log_dir)
+    assert monitor.path == log_dir / "eviction_events.jsonl"
+    rows = read_jsonl(monitor.path).records
+    assert [r["seq_len"] for r in rows] == LENGTHS
+    assert [r["tokens"] for r in rows] == [n + n // 2 for n in LENGTHS]
+    assert [r["long_sequence"] for r in rows] == [n >= LONG for n in LENGTHS]
+    assert [r["step"] for r in rows] == list(range(len(LENGTHS)))
+    assert all(r["source"] == "none" and r["evicted_bytes"] is None for r in rows)
+    assert all(r["optimizer_step_s"] is not None for r in rows)
+
+    with open(log_dir / "metrics.csv") as f:
+        columns = next(csv.reader(f))
+    assert {"eviction/seq_len", "eviction/step_s", "eviction/long_sequence"} <= set(columns)
+    assert "eviction/evicted_bytes" not in columns  # not measured on CPU: not logged as zero
+
+    summary = (log_dir / "eviction_summary.txt").read_text()
+    assert "steps                     8" in summary and "long-sequence steps       2" in summary
+    assert monitor.summary is not None and monitor.summary.steps == len(LENGTHS)
+    assert [s.seq_len for s in monitor.summary.slowest][:1] != []
+
+
+def test_pressure_source_shows_eviction_on_the_long_steps_only(tmp_path):
+    probe = FakeProbe()
+    monitor = EvictionMonitor(source="pressure", long_sequence_threshold=LONG)
+    monitor.probe = probe
+    trainer = fit(tmp_path, monitor, TinyLM(probe))
+    rows = read_jsonl(monitor.path).records
+    assert [r["evicted_bytes"] for r in rows] == [96 * MIB if n >= LONG else 0 for n in LENGTHS]
+    assert [r["paged_in_bytes"] for r in rows] == [96 * MIB if n >= LONG else 0 for n in LENGTHS]
+    assert all(r["estimated"] and r["source"] == "pressure" for r in rows)
+    assert monitor.summary.evicted_bytes == monitor.summary.evicted_bytes_long == 2 * 96 * MIB
+    with open(Path(trainer.log_dir) / "metrics.csv") as f:
+        logged = [row for row in csv.DictReader(f) if row.get("eviction/evicted_bytes")]
+    assert sorted(float(r["eviction/evicted_bytes"]) for r in logged)[-2:] == [96.0 * MIB] * 2
+
+
+def test_gradient_accumulation_leaves_optimizer_time_empty_on_accumulating_steps(tmp_path):
+    monitor = EvictionMonitor(source="none", log_path=str(tmp_path / "custom" / "ev.jsonl"))
+    fit(tmp_path, monitor, accumulate_grad_batches=2)
+    rows = read_jsonl(tmp_path / "custom" / "ev.jsonl").records
+    assert [r["optimizer_step_s"] is None for r in rows] == [True, False] * (len(LENGTHS) // 2)
+
+
+def test_settings_are_checked_by_name():
+    with pytest.raises(SettingError, match="source must be one of auto, cupti, pressure, none; got 'nvml'"):
+        EvictionMonitor(source="nvml")  # type: ignore[arg-type]
+    with pytest.raises(SettingError, match="long_sequence_threshold must be a positive integer"):
+        EvictionMonitor(long_sequence_threshold=0)
+
+
+def test_ranks_write_separate_files():
+    base = Path("/x/eviction_events.jsonl")
+    assert rank_path(base, 0, 1) == base
+    assert rank_path(base, 1, 2) == Path("/x/eviction_events.rank1.jsonl")
+
+
+def test_metric_keys_in_the_docstring_are_the_logged_ones():
+    doc = EvictionMonitor.__doc__ or ""
+    assert all(f"``eviction/{name}``" in doc for name in METRIC_FIELDS)
+
+
+def test_monitor_is_configurable_as_a_cli_callback(tmp_path, capsys):
+    from lightning.pytorch.cli import LightningCLI
+
+    def args(**init_args):
+        callback = {"class_path": "lightning_paged.lightning.monitor.EvictionMonitor", "init_args": init_args}
+        return {"trainer": {"accelerator": "cpu", "default_root_dir": str(tmp_path), "callbacks": [callback]}}
+
+    good = args(source="pressure", long_sequence_threshold=2048, seq_len_fn="builtins.len")
+    cli = LightningCLI(TinyLM, run=False, args=good, save_config_callback=None)
+    monitors = [c for c in cli.trainer.callbacks if isinstance(c, EvictionMonitor)]
+    assert len(monitors) == 1
+    assert (monitors[0].source, monitors[0].long_sequence_threshold, monitors[0].seq_len_fn) == (
+        "pressure",
+        2048,
+        len,
+    )
+
+    with pytest.raises(SystemExit):
+        LightningCLI(TinyLM, run=False, args=args(source="nvml"), save_config_callback=None)
+    err = capsys.readouterr().err
+    assert 'key "source"' in err and "nvml" in err
+
+
+@pytest.mark.slow
+def test_ddp_ranks_record_their_own_files_and_rank_zero_writes_the_summary(tmp_path):
+    monitor = EvictionMonitor(source="none")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp_spawn",
+        max_epochs=1,
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(TinyLM(), train_dataloaders=DataLoader(batches(LENGTHS), batch_size=None))
+    rank0 = read_jsonl(tmp_path / "eviction_events.rank0.jsonl").records
+    rank1 = read_jsonl(tmp_path / "eviction_events.rank1.jsonl").records
+    assert {r["rank"] for r in rank0} == {0} and {r["rank"] for r in rank1} == {1}
+    assert len(rank0) + len(rank1) == len(LENGTHS)  # the sampler splits the batches between ranks
+    assert not (tmp_path / "eviction_events.jsonl").exists()
+    summary = (tmp_path / "eviction_summary.txt").read_text()
+    assert "rank 0" in summary and "rank 1" in summary
