@@ -1,0 +1,7 @@
+"""``python -m lightning_paged``: the same as the ``lightning-paged`` command."""
+
+import sys
+
+from lightning_paged.cli import main
+
+sys.exit(main())

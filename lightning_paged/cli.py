@@ -1,0 +1,169 @@
+"""The ``lightning-paged`` command: LightningCLI for fit/validate/test/predict, plus report and export.
+
+Configs are YAML with omegaconf interpolation resolved over the merged config (``${vars.x}``,
+``${trainer.default_root_dir}``, command-line overrides included). The CLI's automatic
+``--optimizer`` is off: it would build the optimizer over the unconverted model's parameters
+before the strategy adds the adapters, and training would silently learn nothing. Optimizers are
+set under ``model.init_args.optimizer`` and built over the trainable parameters.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.strategies import StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from typing_extensions import override
+
+from lightning_paged.core.errors import SettingError
+
+_EXTRA_COMMANDS = {
+    "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
+    "export": "write a PEFT adapter directory or a merged model from a run (lightning-paged export RUN --out DIR)",
+}
+
+
+_DESCRIPTION = (
+    "NF4 QLoRA fine-tuning with paged optimizers and eviction monitoring. Models: "
+    "lightning_paged.CausalLMModule or any LightningModule; data: lightning_paged.InstructionDataModule or "
+    "any LightningDataModule. Other commands: " + "; ".join(f"{k}: {v}" for k, v in _EXTRA_COMMANDS.items())
+)
+
+
+class PagedCLI(LightningCLI):
+    """LightningCLI with omegaconf+ interpolation, a ``vars`` section and optimizer settings on the model."""
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--vars",
+            type=dict[str, Any],
+            default={},
+            help="Free-form shared values for interpolation elsewhere in the config, e.g. ${vars.max_length}.",
+        )
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        _check_strategy_name(config.get("trainer", {}).get("strategy"))
+        _check_optimizer_name(config.get("model"))
+
+    @override
+    def after_fit(self) -> None:
+        _print_run_summary(self.trainer)
+
+
+def _closest(word: str, choices: list[str]) -> str:
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return f" Did you mean {match[0]!r}?" if match else ""
+
+
+def _check_strategy_name(strategy: Any) -> None:
+    if not isinstance(strategy, str) or strategy in StrategyRegistry or strategy == "auto":
+        return
+    names = sorted(StrategyRegistry.available_strategies())
+    raise SettingError(
+        "trainer.strategy",
+        strategy,
+        f"is not a strategy name.{_closest(strategy, names)} QLoRA strategies: paged_qlora, paged_qlora_ddp",
+    )
+
+
+def _check_optimizer_name(model: Any) -> None:
+    from lightning_paged.core.optimizers import OPTIMIZERS
+
+    init_args = getattr(model, "init_args", None) or (
+        model.get("init_args") if isinstance(model, dict) else None
+    )
+    optimizer = (init_args or {}).get("optimizer") if hasattr(init_args or {}, "get") else None
+    name = optimizer.get("name") if hasattr(optimizer, "get") else getattr(optimizer, "name", None)
+    if not isinstance(name, str) or name in OPTIMIZERS or "." in name:
+        return
+    raise SettingError(
+        "model.init_args.optimizer.name",
+        name,
+        f"is not an optimizer name.{_closest(name, sorted(OPTIMIZERS))} "
+        f"Names: {', '.join(sorted(OPTIMIZERS))}, or a class path",
+    )
+
+
+@rank_zero_only
+def _print_run_summary(trainer: Any) -> None:
+    from lightning_paged.lightning.monitor import EvictionMonitor
+
+    lines = ["", "Run finished."]
+    checkpoint = trainer.checkpoint_callback
+    if checkpoint is not None:
+        path = checkpoint.last_model_path or checkpoint.best_model_path
+        if path:
+            lines.append(f"  checkpoint:      {path}")
+    if trainer.log_dir:
+        lines.append(f"  logs and config: {trainer.log_dir}")
+    for callback in trainer.callbacks:
+        if isinstance(callback, EvictionMonitor) and callback.log_path is not None:
+            lines.append(f"  eviction log:    {callback.log_path}")
+            report = Path(callback.log_path).with_name("eviction_report.png")
+            lines.append(f"  report:          {_write_report(callback.log_path, report)}")
+    print("\n".join(lines))
+
+
+def _write_report(log_path: str | Path, out: Path) -> str:
+    from lightning_paged import report
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return f"lightning-paged report {log_path} --out {out}  (needs: pip install 'lightning-paged[plot]')"
+    if report.main([str(log_path), "--out", str(out)]) != 0:
+        return f"not written; run: lightning-paged report {log_path} --out {out}"
+    return str(out)
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
+    """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
+    from jsonargparse import set_parsing_settings
+
+    # Subcommands nest the config under "fit."; this keeps ${vars.x} in a config file pointing at
+    # the file's own top level, still resolved after command-line overrides are merged.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    return PagedCLI(
+        model_class=LightningModule,
+        datamodule_class=LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "description": _DESCRIPTION},
+        save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [RichProgressBar()]},
+        args=args,
+        run=run,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lightning-paged`` and ``python -m lightning_paged``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        from lightning_paged import report
+
+        return report.main(argv[1:])
+    if argv and argv[0] == "export":
+        from lightning_paged import export_cli
+
+        return export_cli.main(argv[1:])
+    try:
+        cli_main(argv)
+    except SettingError as err:
+        print(f"lightning-paged: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
