@@ -230,12 +230,35 @@ def _prefetch_state(self: Any, p: torch.Tensor) -> None:
             self.paging_policy.memory.prefetch(buffer)
 
 
+def _standalone(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _standalone(item) for key, item in value.items()}
+    if not isinstance(value, torch.Tensor) or not getattr(value, "is_paged", False):
+        return value
+    if value.untyped_storage().nbytes() != value.nbytes:
+        return value.clone()  # a slice of a pool slab: save its own bytes, not the whole slab
+    return value.detach()  # same memory, without the is_paged flag that torch.save would keep
+
+
+def _standalone_pool_views(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """State-dict hook: paged state as plain tensors, each on its own.
+
+    ``torch.save`` keeps a tensor's Python attributes, so a loaded checkpoint would claim
+    ``is_paged`` for ordinary memory; and it writes the whole storage of a view, so pool slices
+    would bring their whole slab (and fail outright when a slab holds two dtypes). New dicts
+    throughout: the live optimizer state is left as it is.
+    """
+    state_dict["state"] = {index: _standalone(state) for index, state in state_dict["state"].items()}
+    return state_dict
+
+
 def install_paging(optimizer: torch.optim.Optimizer, policy: PagingPolicy) -> None:
     """Route a bitsandbytes optimizer's state allocation and prefetching through ``policy``.
 
     Replaces, on this one instance, the three methods bitsandbytes allocates and prefetches
     state with (``get_state_buffer``, AdEMAMix's ``_get_state_double_buffer`` and
-    ``prefetch_state``). State is created at the first ``step()``, so install before it.
+    ``prefetch_state``), and registers a state-dict hook that saves pool slices on their own.
+    State is created at the first ``step()``, so install before it.
     """
     if not is_bitsandbytes_optimizer(optimizer):
         raise TypeError(f"install_paging needs a bitsandbytes optimizer; got {type(optimizer).__name__}")
@@ -243,6 +266,7 @@ def install_paging(optimizer: torch.optim.Optimizer, policy: PagingPolicy) -> No
     optimizer.get_state_buffer = MethodType(_get_state_buffer, optimizer)  # type: ignore[attr-defined]
     optimizer._get_state_double_buffer = MethodType(_get_state_double_buffer, optimizer)  # type: ignore[attr-defined]
     optimizer.prefetch_state = MethodType(_prefetch_state, optimizer)  # type: ignore[attr-defined]
+    optimizer.register_state_dict_post_hook(_standalone_pool_views)
 
 
 _warned: set[str] = set()
