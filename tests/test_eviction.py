@@ -568,3 +568,26 @@ def test_unfinished_last_line_is_reported_and_does_not_spoil_the_next_run(tmp_pa
     assert content.records[-1]["run"] == "second"
     assert not content.truncated_tail and content.bad_lines[0][0] == 3
     assert json.loads(log.read_text().splitlines()[-1]) == {"step": 0, "run": "second"}
+
+
+# --- on a GPU ------------------------------------------------------------------------------------
+
+
+@pytest.mark.requires_cuda
+@pytest.mark.parametrize("setting", ["pressure", "auto"])
+def test_sources_read_a_real_device(setting, tmp_path):
+    notes: list[str] = []
+    recorder = EvictionRecorder.open(setting, "cuda", tmp_path / "log.jsonl", notify=notes.append)
+    x = torch.randn(2048, 2048, device="cuda")
+    for n in (128, 256):
+        with recorder.step({"input_ids": torch.ones(2, n, dtype=torch.long, device="cuda")}):
+            y = x @ x
+            with recorder.optimizer_step():
+                y.sum()
+    recorder.close()
+    record = recorder.last_record
+    assert record is not None and record.source in ("cupti", "pressure")
+    assert record.tokens == 512 and record.evicted_bytes is not None
+    if record.source == "pressure":
+        total = torch.cuda.mem_get_info()[1]
+        assert 0 < record.device_free_bytes <= total and record.alloc_retries == 0

@@ -38,8 +38,8 @@ log = logging.getLogger(__name__)
 
 NO_PAGED_STATE = (
     "no paged tensors exist after the first optimizer step, so no optimizer state can be evicted: "
-    "bitsandbytes pages state only with a Paged* optimizer and only for parameters of at least "
-    "100,000 elements (typical LoRA matrices are smaller)"
+    "use a Paged* optimizer (bitsandbytes by itself pages only parameters of at least 100,000 elements; "
+    "OptimizerConfig(page_adapters=True) pages the small adapter states too)"
 )
 
 

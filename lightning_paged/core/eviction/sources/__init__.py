@@ -53,8 +53,9 @@ def open_source(
         raise SettingError("source", setting, f"must be one of {', '.join(SOURCE_SETTINGS)}")
     once = notify if isinstance(notify, OnceNotifier) else OnceNotifier(notify)
     dev = torch.device(device)
+    cuda_index = _cuda_index(dev)
     if setting == "none":
-        return _started_null("the event source is set to 'none'", once)
+        return _started_null("the event source is set to 'none'", once, cuda_index)
 
     chain = ["cupti", "pressure"] if setting in ("auto", "cupti") else ["pressure"]
     reason = ""
@@ -70,18 +71,24 @@ def open_source(
                 log.info("%s source not used: %s", name, reason)
             elif dev.type == "cuda" or name == setting:
                 once(f"the {name} event source cannot run: {reason}; falling back")
-    return _started_null(reason, once)
+    return _started_null(reason, once, cuda_index)
 
 
-def _started_null(reason: str, once: OnceNotifier) -> NullSource:
-    source = NullSource(reason, once)
+def _started_null(reason: str, once: OnceNotifier, cuda_index: int | None) -> NullSource:
+    source = NullSource(reason, once, cuda_device=cuda_index)
     source.start()
     return source
 
 
+def _cuda_index(dev: torch.device) -> int | None:
+    if dev.type != "cuda":
+        return None
+    return dev.index if dev.index is not None else torch.cuda.current_device()
+
+
 def _build(name: str, dev: torch.device, probe: Any, binding: Any, once: OnceNotifier) -> EventSource:
     on_cuda = dev.type == "cuda"
-    index = dev.index if dev.index is not None else (torch.cuda.current_device() if on_cuda else 0)
+    index = _cuda_index(dev) or 0
     if name == "cupti":
         if not on_cuda:
             raise _expected(f"training runs on {dev.type}, not on a CUDA GPU")
