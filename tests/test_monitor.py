@@ -125,7 +125,7 @@ def test_monitor_writes_one_line_per_step_logs_metrics_and_a_summary(tmp_path):
     summary = (log_dir / "eviction_summary.txt").read_text()
     assert "steps                     8" in summary and "long-sequence steps       2" in summary
     assert monitor.summary is not None and monitor.summary.steps == len(LENGTHS)
-    assert [s.seq_len for s in monitor.summary.slowest][:1] != []
+    assert len(monitor.summary.slowest) == 5 and {s.seq_len for s in monitor.summary.slowest} <= set(LENGTHS)
 
 
 def test_pressure_source_shows_eviction_on_the_long_steps_only(tmp_path):
