@@ -106,10 +106,11 @@ def _print_run_summary(trainer: Any) -> None:
     if trainer.log_dir:
         lines.append(f"  logs and config: {trainer.log_dir}")
     for callback in trainer.callbacks:
-        if isinstance(callback, EvictionMonitor) and callback.log_path is not None:
-            lines.append(f"  eviction log:    {callback.log_path}")
-            report = Path(callback.log_path).with_name("eviction_report.png")
-            lines.append(f"  report:          {_write_report(callback.log_path, report)}")
+        path = getattr(callback, "path", None)
+        if isinstance(callback, EvictionMonitor) and path is not None:
+            lines.append(f"  eviction log:    {path}")
+            report = Path(path).with_name("eviction_report.png")
+            lines.append(f"  report:          {_write_report(path, report)}")
     print("\n".join(lines))
 
 
