@@ -148,6 +148,11 @@ class OptimizerConfig:
         return {**common, **self.kwargs}
 
 
+# Modules keep their settings in their hyperparameters, which every checkpoint stores: let
+# ``torch.load(weights_only=True)`` (the default, and how Lightning resumes) read them back.
+torch.serialization.add_safe_globals([OptimizerConfig])
+
+
 def resolve_name(name: str) -> OptimizerSpec:
     """The spec of an optimizer name, or a :class:`SettingError` that suggests the closest."""
     spec = OPTIMIZERS.get(name)

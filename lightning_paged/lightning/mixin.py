@@ -1,0 +1,128 @@
+"""``configure_optimizers`` for a LightningModule: a bitsandbytes optimizer by name, paged, over trainable parameters."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler, param_groups
+from lightning_paged.core.paging import (
+    ManagedMemory,
+    PagingPolicy,
+    is_bitsandbytes_optimizer,
+    paging_coverage,
+    repage_optimizer_state,
+)
+
+SETTINGS_LOCATION = "model.optimizer."
+"""Where the settings live in a LightningCLI config, for error messages."""
+METRIC_PREFIX = "paging/"
+
+
+class PagedOptimizerMixin(LightningModule):
+    """Mix into a LightningModule (before it in the bases) instead of writing ``configure_optimizers``.
+
+    Settings come from one :class:`OptimizerConfig`, which the module takes as a single init
+    argument named ``optimizer`` so LightningCLI shows ``--model.optimizer.name``,
+    ``--model.optimizer.lr``, ... The rule, first match wins:
+
+    1. ``self.optimizer_config``, when the module sets it (``self.optimizer_config = optimizer``);
+    2. ``self.hparams.optimizer``, when the module calls ``save_hyperparameters()``;
+    3. the defaults of :class:`OptimizerConfig` (``paged_adamw_8bit``), for a module with no settings.
+
+    Switch LightningCLI's own optimizer off (``auto_configure_optimizers=False``): it builds the
+    optimizer over all parameters before any conversion adds the LoRA weights.
+
+    The optimizer sees trainable (``requires_grad``) parameters only, with no weight decay on
+    biases and norm weights; the scheduler steps once per optimizer step. Hooks used (call
+    ``super()`` if you override them): ``on_train_start`` puts optimizer state back into paged
+    memory after a checkpoint load; ``on_train_batch_end`` reports paging coverage once, after the
+    first optimizer step of each ``fit``, as an INFO line on rank zero and as logged metrics:
+
+    * ``paging/paged_bytes``: bytes of optimizer state in paged (unified) memory;
+    * ``paging/unpaged_bytes``: bytes in ordinary memory;
+    * ``paging/paged_fraction``: paged share of all optimizer state, 0 to 1;
+    * ``paging/unpaged_bytes/<reason>``: unpaged bytes per reason: ``below_threshold``,
+      ``paging_unavailable_on_cpu``, ``platform_without_managed_memory``, ``optimizer_not_paged``,
+      ``bookkeeping``, ``ordinary_tensor_where_paging_applies``.
+    """
+
+    optimizer_config: OptimizerConfig | None = None
+    managed_memory: ManagedMemory | None = None
+    """Unified-memory primitives for the paging policy; None: bitsandbytes' (a seam for CPU tests)."""
+    _paging_report_after: int | None = None
+
+    def resolved_optimizer_config(self) -> OptimizerConfig:
+        """The settings by the rule in the class docstring, validated."""
+        config: Any = self.optimizer_config
+        if config is None:
+            config = getattr(self.hparams, "optimizer", None)
+        if config is None:
+            config = OptimizerConfig()
+        elif isinstance(config, Mapping):
+            config = OptimizerConfig(**config)
+        if not isinstance(config, OptimizerConfig):
+            raise SettingError("optimizer", config, "must be an OptimizerConfig", where="model.")
+        try:
+            config.validate()
+        except SettingError as err:
+            raise err.located(SETTINGS_LOCATION) from None
+        return config
+
+    @override
+    def configure_optimizers(self) -> Any:
+        config = self.resolved_optimizer_config()
+        groups = param_groups(self.named_parameters(), config.weight_decay)
+        if not groups:
+            raise SettingError(
+                "model",
+                type(self).__name__,
+                "has no trainable parameters (requires_grad); nothing to optimize",
+            )
+        policy = PagingPolicy(page_small=config.page_adapters, memory=self.managed_memory or ManagedMemory())
+        try:
+            optimizer = build_optimizer(config.name, groups, paging=policy, **config.optimizer_kwargs())
+            total = None if config.scheduler == "constant" else self._total_steps()
+            scheduler = build_scheduler(optimizer, config.scheduler, config.warmup_steps, total)
+        except SettingError as err:
+            raise err.located(SETTINGS_LOCATION) from None
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
+        }
+
+    def _total_steps(self) -> float | None:
+        if self._trainer is None:
+            return None
+        return self.trainer.estimated_stepping_batches
+
+    def _bnb_optimizers(self) -> list[torch.optim.Optimizer]:
+        return [opt for opt in self.trainer.optimizers if is_bitsandbytes_optimizer(opt)]
+
+    @override
+    def on_train_start(self) -> None:
+        super().on_train_start()
+        repaged = sum(repage_optimizer_state(opt) for opt in self._bnb_optimizers())
+        if repaged:
+            rank_zero_info(
+                f"paging: {repaged} optimizer state tensors back in paged memory after the checkpoint load"
+            )
+        self._paging_report_after = self.trainer.global_step
+
+    @override
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self._paging_report_after is None or self.trainer.global_step <= self._paging_report_after:
+            return
+        self._paging_report_after = None
+        for index, optimizer in enumerate(self.trainer.optimizers):
+            coverage = paging_coverage(optimizer)
+            rank_zero_info(coverage.summary())
+            prefix = METRIC_PREFIX if index == 0 else f"{METRIC_PREFIX}optimizer_{index}/"
+            self.log_dict(coverage.metrics(prefix), on_step=True, on_epoch=False, rank_zero_only=True)
