@@ -1,0 +1,207 @@
+"""Hugging Face Accelerate: NF4 QLoRA, the paged optimizer and adapter-only ``save_state`` in one call.
+
+:func:`prepare_paged_qlora` converts the model on ``accelerator.device``, builds the paged
+optimizer and its schedule over the adapter weights, passes all three through
+``accelerator.prepare`` and registers the save/load pre-hooks that keep ``accelerator.save_state``
+checkpoints adapter-only::
+
+    accelerator = Accelerator()
+    model, optimizer, scheduler = prepare_paged_qlora(accelerator, model, total_steps=1000)
+    monitor = accelerate_eviction_monitor(accelerator, "runs/accelerate")
+    for batch in loader:
+        with monitor.step(batch):
+            accelerator.backward(model(**batch).loss)
+            with monitor.optimizer_step():
+                optimizer.step()
+            optimizer.zero_grad()
+            scheduler.step()
+    monitor.close()
+    accelerator.save_state("runs/accelerate/state")
+
+``accelerate`` is an optional extra (``pip install lightning-paged[accelerate]``): it is imported
+inside the functions that need it. The optimizer, checkpoint and monitor helpers are the
+framework-free ones :mod:`lightning_paged.fabric` defines for every hand-written loop.
+"""
+
+from __future__ import annotations
+
+import os
+import weakref
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import torch
+from torch import nn
+from torch.optim import Optimizer
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.paging import ManagedMemory
+from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.fabric import (
+    LoopEvictionMonitor,
+    build_paged_optimizer,
+    convert_module,
+    is_qlora,
+    load_adapter_state_dict,
+    optimizer_config,
+    qlora_config,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+_UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
+_hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+
+
+class PreparedQLoRA(NamedTuple):
+    """What :func:`prepare_paged_qlora` returns, in ``accelerator.prepare``'s order."""
+
+    model: nn.Module
+    """The converted model, prepared (wrapped in DDP when there are several processes)."""
+    optimizer: Any
+    """The paged optimizer over the adapter weights, as an ``AcceleratedOptimizer``."""
+    scheduler: Any
+    """Its learning-rate schedule, as an ``AcceleratedScheduler``; step it once per optimizer step."""
+
+
+def prepare_paged_qlora(
+    accelerator: Accelerator,
+    model: nn.Module,
+    qlora: QLoRAConfig | Mapping[str, Any] | None = None,
+    optimizer: OptimizerConfig | Mapping[str, Any] | None = None,
+    *,
+    model_attr: str | None = None,
+    total_steps: int | None = None,
+    memory: ManagedMemory | None = None,
+) -> PreparedQLoRA:
+    """Convert ``model`` to NF4 + LoRA, build the paged optimizer, and prepare both with ``accelerator``.
+
+    Args:
+        accelerator: The ``accelerate.Accelerator``; single process or DDP (``MULTI_GPU``, ``MULTI_CPU``).
+        model: The model, on the host or on the device; converted in place, on ``accelerator.device``.
+            With several processes every rank first takes rank zero's weights.
+        qlora: The conversion settings; None takes :class:`QLoRAConfig`'s defaults.
+        optimizer: The optimizer settings (name, lr, schedule); None takes :class:`OptimizerConfig`'s
+            defaults (``paged_adamw_8bit``). Not an optimizer: it is built here, after the conversion.
+        model_attr: What to convert: None the model itself, or a dotted attribute path of a submodule.
+        total_steps: Optimizer steps of the run, needed by the linear and cosine schedules. Given per
+            process: Accelerate steps the scheduler once per process, and the schedule is scaled to that.
+        memory: Replaces the unified-memory primitives of the paging policy (CPU tests).
+
+    ``accelerator.save_state`` then writes only the trainable weights of the model (and the
+    optimizer state, which covers only them); ``accelerator.load_state`` loads them into a
+    converted model, refusing a checkpoint written with other LoRA settings.
+    """
+    kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
+    if kind.upper() in _UNSUPPORTED:
+        raise SettingError(
+            "distributed_type",
+            kind,
+            "is not supported by prepare_paged_qlora: sharded 4-bit weights and paged or 8-bit optimizer "
+            "state do not work there; run one process or plain DDP (accelerate launch --multi_gpu)",
+        )
+    if isinstance(optimizer, Optimizer):
+        raise SettingError(
+            "optimizer",
+            type(optimizer).__name__,
+            "must be an OptimizerConfig (or a dict of its fields), not an optimizer: one built before the "
+            "conversion holds the replaced base weights and none of the LoRA adapters",
+        )
+    settings = qlora_config(qlora)
+    opt_settings = optimizer_config(optimizer)
+    report = convert_module(model, settings, accelerator.device, model_attr)
+    if report is not None:
+        accelerator.print(report.summary())
+    per_step = accelerator.num_processes if _scheduler_steps_per_process(accelerator) else 1
+    built, scheduler = build_paged_optimizer(
+        model,
+        opt_settings,
+        total_steps=total_steps * per_step if total_steps is not None else None,
+        warmup_steps=opt_settings.warmup_steps * per_step,
+        memory=memory,
+    )
+    register_adapter_checkpoint_hooks(accelerator)
+    prepared_model, prepared_optimizer, prepared_scheduler = accelerator.prepare(model, built, scheduler)
+    return PreparedQLoRA(prepared_model, prepared_optimizer, prepared_scheduler)
+
+
+def _scheduler_steps_per_process(accelerator: Accelerator) -> bool:
+    """Accelerate steps a prepared scheduler ``num_processes`` times per optimizer step in this mode."""
+    return bool(accelerator.step_scheduler_with_optimizer and not accelerator.split_batches)
+
+
+def register_adapter_checkpoint_hooks(accelerator: Accelerator) -> None:
+    """Make ``save_state``/``load_state`` keep converted models adapter-only (once per accelerator)."""
+    if accelerator in _hooked:
+        return
+    accelerator.register_save_state_pre_hook(_save_adapters_only)
+    accelerator.register_load_state_pre_hook(_load_adapters_only)
+    _hooked.add(accelerator)
+
+
+def _save_adapters_only(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
+    """Accelerate's save pre-hook: drop everything but the trainable weights from converted models."""
+    for index, model in enumerate(models[: len(weights)]):
+        if is_qlora(model):
+            trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+            weights[index] = {k: v for k, v in weights[index].items() if k in trainable}
+
+
+def _load_adapters_only(models: list[nn.Module], input_dir: str) -> None:
+    """Accelerate's load pre-hook: load every model's weights here and take them off Accelerate's list.
+
+    Accelerate would load strictly and fail on the missing base weights. All models are loaded here
+    (not only converted ones) so each keeps the file of its own index.
+    """
+    if not any(is_qlora(model) for model in models):
+        return
+    for index, model in enumerate(models):
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        state = _read_weights(Path(input_dir), index, device)
+        if is_qlora(model):
+            load_adapter_state_dict(model, state)
+        else:
+            model.load_state_dict(state)
+    models.clear()
+
+
+def _read_weights(directory: Path, index: int, device: torch.device) -> dict[str, torch.Tensor]:
+    from accelerate.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+
+    suffix = f"_{index}" if index else ""
+    safe = directory / SAFE_WEIGHTS_NAME.replace(".", f"{suffix}.")
+    if safe.exists():
+        from safetensors.torch import load_file
+
+        return load_file(safe, device=str(device))
+    pickled = directory / WEIGHTS_NAME.replace(".", f"{suffix}.")
+    if not pickled.exists():
+        raise FileNotFoundError(
+            f"{directory} holds no weights of model {index} ({safe.name} or {pickled.name})"
+        )
+    return torch.load(pickled, map_location=device, weights_only=True)
+
+
+def accelerate_eviction_monitor(
+    accelerator: Accelerator, log_dir: str | os.PathLike[str], **settings: Any
+) -> LoopEvictionMonitor:
+    """A :class:`~lightning_paged.fabric.LoopEvictionMonitor` on the accelerator's device and process index."""
+    return LoopEvictionMonitor(
+        log_dir,
+        accelerator.device,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+        **settings,
+    )
+
+
+__all__ = [
+    "PreparedQLoRA",
+    "accelerate_eviction_monitor",
+    "prepare_paged_qlora",
+    "register_adapter_checkpoint_hooks",
+]
