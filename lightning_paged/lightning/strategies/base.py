@@ -1,17 +1,31 @@
-"""What the single-device and DDP QLoRA strategies share: convert at setup, adapter-only checkpoints."""
+"""What the single-device and DDP QLoRA strategies share: convert at setup, adapter-only checkpoints.
+
+Checkpoints also carry, under ``checkpoint["lightning_paged"]``, the fingerprint of the base model
+and settings (a resume onto another base or other settings is refused, naming what differs), the
+adapter's PEFT config (for ``lightning-paged export``) and what an exact resume needs (data
+position and random generator states, see :mod:`lightning_paged.lightning.resume`).
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import asdict, fields
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.fingerprint import (
+    CheckpointMismatchError,
+    Fingerprint,
+    describe_differences,
+    fingerprint,
+    mismatch_error,
+)
 from lightning_paged.core.qlora import (
     ConversionReport,
     QLoRAConfig,
@@ -20,8 +34,12 @@ from lightning_paged.core.qlora import (
     restore_training_layout,
     select_target,
 )
+from lightning_paged.lightning.resume import ResumeTracker
 
 SETTING_PREFIX = "trainer.strategy.init_args."
+CHECKPOINT_KEY = "lightning_paged"
+"""Where the strategies keep their section of a Lightning checkpoint."""
+CHECKPOINT_FORMAT = 1
 
 
 def qlora_config_from(settings: Mapping[str, Any]) -> QLoRAConfig:
@@ -54,6 +72,9 @@ class QLoRAStrategyMixin:
         self._converted: Any = None  # the LightningModule converted, once setup ran
         self._layers4bit: list[torch.nn.Module] = []
         self._trainable_keys: set[str] = set()
+        self.fingerprint: Fingerprint | None = None
+        self._adapter_info: dict[str, Any] = {}
+        self._resume = ResumeTracker()
 
     def _check_precision(self) -> None:
         precision = self.precision_plugin  # type: ignore[attr-defined]
@@ -73,19 +94,49 @@ class QLoRAStrategyMixin:
         if self._converted is module:
             return
         target = select_target(module, self.model_attr)
+        self.fingerprint = fingerprint(target, self.qlora)  # of the weights before quantization
         try:
             report = convert_to_qlora(target, self.qlora, device=device)
         except SettingError as err:
             raise err.located(SETTING_PREFIX) from None
+        self._adapter_info = _adapter_info(module, target)
         self.conversion_report = report
         self._converted = module
         self._layers4bit = linear4bit_layers(module)
         self._trainable_keys = {n for n, p in module.named_parameters() if p.requires_grad}
         rank_zero_info(report.summary())
 
+    def setup(self, trainer: pl.Trainer) -> None:
+        self._resume.begin(trainer)
+        super().setup(trainer)  # type: ignore[misc]
+
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
+
+    def process_dataloader(self, dataloader: object) -> object:
+        dataloader = super().process_dataloader(dataloader)  # type: ignore[misc]
+        self._resume.note_loader(dataloader)
+        return dataloader
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        if self._converted is self.lightning_module:  # type: ignore[attr-defined]
+            checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def checkpoint_metadata(self) -> dict[str, Any]:
+        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states)."""
+        assert self.fingerprint is not None
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "fingerprint": self.fingerprint.to_dict(),
+            "qlora": asdict(self.qlora),
+            "model_attr": self.model_attr,
+            **self._adapter_info,
+            "resume": self._resume.state(),
+        }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Only the trainable weights: the frozen base is rebuilt from the model source on load."""
@@ -99,6 +150,8 @@ class QLoRAStrategyMixin:
         if self._converted is not module:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)
             return
+        saved = checkpoint.get(CHECKPOINT_KEY)
+        self._check_fingerprint(saved)
         state = checkpoint["state_dict"]
         known = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
         foreign = sorted(k for k in state if k not in known and ".weight." not in k)
@@ -111,7 +164,7 @@ class QLoRAStrategyMixin:
                 problems.append(
                     f"holds {len(foreign)} weights this model does not have (first: {foreign[0]})"
                 )
-            raise RuntimeError(
+            raise CheckpointMismatchError(
                 "The checkpoint does not fit this model: it "
                 + " and ".join(problems)
                 + ". It was written for another model or with other LoRA settings "
@@ -121,13 +174,45 @@ class QLoRAStrategyMixin:
         own = dict(module.named_parameters())
         for key, value in adapters.items():
             if own[key].shape != value.shape:
-                raise RuntimeError(
+                raise CheckpointMismatchError(
                     f"The checkpoint's {key} has shape {tuple(value.shape)}, this model's "
                     f"{tuple(own[key].shape)}: it was written with another lora_r or model size."
                 )
         module.load_state_dict(adapters, strict=False)
+        if saved is not None:
+            self._resume.restore(saved.get("resume"), self.global_rank, self.world_size)  # type: ignore[attr-defined]
+
+    def _check_fingerprint(self, saved: Mapping[str, Any] | None) -> None:
+        if saved is None or "fingerprint" not in saved:
+            rank_zero_warn(
+                "The checkpoint carries no base-model fingerprint (it was not written by a lightning_paged "
+                "strategy): whether it was trained on this base model and settings cannot be checked."
+            )
+            return
+        assert self.fingerprint is not None
+        differences = describe_differences(Fingerprint.from_dict(saved["fingerprint"]), self.fingerprint)
+        if differences:
+            raise mismatch_error(
+                differences,
+                "Resume with the base model and strategy settings of the run that wrote it, or start a new run.",
+            )
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Validation or generation on CPU repacks 4-bit weights for inference (NOTES §3).
         restore_training_layout(self._layers4bit)
+        self._resume.before_first_batch()
         super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+
+def _adapter_info(module: torch.nn.Module, target: torch.nn.Module) -> dict[str, Any]:
+    """What ``lightning-paged export`` needs to turn the checkpoint's adapter weights into a PEFT adapter."""
+    import json
+
+    prefix = next((f"{name}." if name else "" for name, m in module.named_modules() if m is target), "")
+    peft_config = getattr(target, "peft_config", {}).get("default")
+    config = json.loads(json.dumps(peft_config.to_dict(), default=list)) if peft_config is not None else None
+    return {
+        "target_prefix": prefix,
+        "peft_config": config,
+        "task_type": "CAUSAL_LM" if type(target).__name__.endswith("ForCausalLM") else None,
+    }

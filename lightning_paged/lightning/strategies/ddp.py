@@ -14,6 +14,7 @@ from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.qlora import QLoRAConfig, select_target
+from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
 
 _D = QLoRAConfig()
@@ -79,7 +80,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
             accelerator=accelerator,
             parallel_devices=parallel_devices,
             cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
             process_group_backend=process_group_backend,
             timeout=timeout,

@@ -12,6 +12,7 @@ from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin, qlora_config_from
 
 _D = QLoRAConfig()
@@ -75,7 +76,7 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
-            checkpoint_io=checkpoint_io,
+            checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
         )
         self._init_qlora(config, model_attr)

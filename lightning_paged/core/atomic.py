@@ -1,0 +1,98 @@
+"""Checkpoint files that are either whole or absent: atomic writes, and reads that say what is wrong.
+
+A write goes to a temporary file in the target's directory, is flushed to disk (``fsync``) and then
+renamed over the target (``os.replace``, atomic on POSIX and Windows). A crash, a full disk or an
+exception while writing leaves the previous file untouched and no temporary file behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+
+class CheckpointReadError(RuntimeError):
+    """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through ``write(file)`` so that it holds either the old or the complete new content."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as file:
+            write(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.chmod(tmp, _default_file_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    _fsync_directory(path.parent)
+
+
+def save_checkpoint_file(checkpoint: Any, path: str | os.PathLike) -> None:
+    """``torch.save`` to ``path`` atomically, streaming to disk (no in-memory copy of the checkpoint)."""
+    atomic_write(path, lambda file: torch.save(checkpoint, file))
+
+
+def read_checkpoint(
+    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None
+) -> dict[str, Any]:
+    """``torch.load`` a checkpoint file, with a clear error when it is missing, empty or truncated."""
+    path = Path(path)
+    if not path.is_file():
+        problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise FileNotFoundError(f"Checkpoint {path} {problem}")
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointReadError(f"Checkpoint {path} is empty (0 bytes): it was never completely written")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+    except Exception as err:
+        if "weights only" in str(err).lower() or "weights_only" in str(err):
+            raise  # a readable file whose content the safe loader refuses: torch's message says what to do
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointReadError(
+            f"Checkpoint {path} ({size:,} bytes) cannot be read: {first_line}. The file is truncated or "
+            "corrupt (an interrupted copy or download, or a crash while a non-atomic writer was saving it); "
+            "use an earlier checkpoint"
+        ) from err
+    if not isinstance(checkpoint, dict):
+        raise CheckpointReadError(
+            f"Checkpoint {path} holds a {type(checkpoint).__name__}, not a checkpoint dict"
+        )
+    return checkpoint
+
+
+def _default_file_mode() -> int:
+    """``0o666`` less the process umask: the mode an ordinary ``open(path, "w")`` would give."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
+    flags = getattr(os, "O_DIRECTORY", None)
+    if flags is None:
+        return
+    try:
+        fd = os.open(directory, os.O_RDONLY | flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

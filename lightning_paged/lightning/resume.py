@@ -1,0 +1,129 @@
+"""Exact resume for the QLoRA strategies: the data position and the random generators, saved and restored.
+
+Lightning restores the weights, optimizer, schedulers and loop counters, but neither the random
+generators (dropout draws from them) nor the place in a shuffled epoch unless the ``DataLoader``
+itself is stateful. :class:`ResumeTracker` fills both gaps for a strategy:
+
+- at every save it records the next batch to train (epoch and batch index, from Lightning's own
+  progress counters, which do not count the batch Lightning has prefetched) and the generator
+  states of every rank;
+- on resume it positions each training loader built on a
+  :class:`~lightning_paged.core.sampling.ResumableSampler` at that batch, and puts the generator
+  states back right before the first resumed batch, after everything that runs between the restore
+  and the first step (loader set-up, ``on_train_start``) has drawn its numbers.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch.distributed as dist
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+from lightning_paged.core.sampling import (
+    capture_rng_state,
+    is_resumable,
+    restore_rng_state,
+    resume_dataloader,
+)
+
+_LIGHTNING_MID_EPOCH_WARNING = r"You're resuming from a checkpoint that ended before the epoch ended"
+
+
+class ResumeTracker:
+    """The resume state of one strategy; ``begin`` at every ``setup``."""
+
+    def __init__(self) -> None:
+        self.begin(None)
+
+    def begin(self, trainer: Any) -> None:
+        """Forget the loaders and pending state of an earlier ``fit``."""
+        self.trainer = trainer
+        self.loaders: list[Any] = []
+        self.position: tuple[int, int] | None = None
+        self.rng: dict[str, Any] | None = None
+        self._quiet: Any = None
+
+    def state(self) -> dict[str, Any] | None:
+        """What a checkpoint saved now must hold to resume exactly (every rank must call this)."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING:
+            return None
+        epochs = trainer.fit_loop.epoch_progress.current
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress
+        if epochs.completed >= epochs.ready:  # between epochs (fit stopped at max_steps counts it done)
+            epoch, batches = epochs.completed, 0
+        elif batches_done.is_last_batch or batches_done.current.ready >= trainer.num_training_batches:
+            epoch, batches = epochs.completed + 1, 0
+        else:
+            epoch, batches = epochs.completed, batches_done.current.ready
+        rng = capture_rng_state()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            every_rank: list[Any] = [None] * dist.get_world_size()
+            dist.all_gather_object(every_rank, rng)
+        else:
+            every_rank = [rng]
+        return {"epoch": epoch, "batches": batches, "rng": every_rank}
+
+    def restore(self, saved: dict[str, Any] | None, rank: int, world_size: int) -> None:
+        """Take the state a checkpoint saved; applied to the loaders and generators before the first step."""
+        if saved is None or self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
+            return
+        self.position = (int(saved["epoch"]), int(saved["batches"]))
+        rng = saved.get("rng") or []
+        if len(rng) == world_size:
+            self.rng = rng[rank]
+        else:
+            rank_zero_warn(
+                f"The checkpoint holds random generator states of {len(rng)} processes, this run has "
+                f"{world_size}: dropout draws after the resume differ from an uninterrupted run."
+            )
+        if self.loaders:
+            # The training loader was built and iterated before the restore (Lightning does that when
+            # configure_optimizers asks for trainer.estimated_stepping_batches): position it and let the
+            # fit loop start a new iterator over it.
+            self._position_loaders(self.loaders)
+            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            if fetcher is not None:
+                iter(fetcher)
+            self.position = None
+
+    def note_loader(self, loader: Any) -> None:
+        """Called for every loader the strategy processes; positions training loaders on resume."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or not trainer.training:
+            return
+        self.loaders.append(loader)
+        if self.position is not None:
+            self._position_loaders([loader])
+
+    def before_first_batch(self) -> None:
+        """Put the generator states back: the resumed step draws what the uninterrupted one drew."""
+        self.position = None
+        if self.rng is not None:
+            restore_rng_state(self.rng)
+            self.rng = None
+        if self._quiet is not None:
+            self._quiet.__exit__(None, None, None)
+            self._quiet = None
+
+    def _position_loaders(self, loaders: list[Any]) -> None:
+        assert self.position is not None
+        epoch, batches = self.position
+        exact = [resume_dataloader(loader, epoch, batches) for loader in loaders if is_resumable(loader)]
+        if len(exact) < len(loaders):
+            if batches:
+                rank_zero_warn(
+                    "A training DataLoader has no ResumableSampler (lightning_paged.core.sampling): resumed "
+                    "mid-epoch, it starts its order again, so the batches differ from an uninterrupted run."
+                )
+            return
+        rank_zero_info(f"Resuming the training data at epoch {epoch}, batch {batches}.")
+        if batches and self._quiet is None:
+            # Lightning warns that a mid-epoch resume is unreliable unless the DataLoader is stateful;
+            # the loaders were just positioned exactly, so that warning would be wrong here.
+            self._quiet = warnings.catch_warnings()
+            self._quiet.__enter__()
+            warnings.filterwarnings("ignore", message=_LIGHTNING_MID_EPOCH_WARNING)

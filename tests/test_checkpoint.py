@@ -1,0 +1,360 @@
+"""Checkpoints you can trust: base fingerprint, exact resume, atomic writes, clear errors on bad files."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import tiny_llama_config
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+from transformers import LlamaForCausalLM
+
+from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, save_checkpoint_file
+from lightning_paged.core.fingerprint import (
+    CheckpointMismatchError,
+    default_cache_file,
+    files_fingerprint,
+    tensors_fingerprint,
+)
+from lightning_paged.core.sampling import (
+    ResumableSampler,
+    capture_rng_state,
+    restore_rng_state,
+    resume_dataloader,
+)
+from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.strategies import PagedQLoRAStrategy
+
+VOCAB = 64
+
+
+@pytest.fixture(autouse=True)
+def _private_hash_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("LIGHTNING_PAGED_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def tiny_config(**overrides):
+    settings = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    settings.update(overrides)
+    return tiny_llama_config(num_key_value_heads=1, **settings)
+
+
+def samples(n: int = 10, seq: int = 8) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    return [
+        {"input_ids": (ids := torch.randint(0, VOCAB, (seq,), generator=g)), "labels": ids} for _ in range(n)
+    ]
+
+
+def loader(data, batch_size: int = 3, num_workers: int = 0) -> DataLoader:
+    """What the data module does: a resumable shuffled order; worker seeds from a private generator."""
+    return DataLoader(
+        data,
+        batch_size=batch_size,
+        sampler=ResumableSampler(data, seed=7),
+        generator=torch.Generator().manual_seed(0),
+        num_workers=num_workers,
+    )
+
+
+class LlamaModule(pl.LightningModule):
+    """Records every loss and the batches it trained on. ``scheduled``: a schedule over the estimated
+    total steps; with ``max_epochs`` set, Lightning then builds and iterates the training loader
+    while it sets up the optimizer, before the checkpoint is restored."""
+
+    def __init__(self, scheduled: bool = False, seed: int = 0, model_dir: str | None = None) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.model = (
+            LlamaForCausalLM.from_pretrained(model_dir) if model_dir else LlamaForCausalLM(tiny_config())
+        )
+        self.scheduled = scheduled
+        self.losses: list[float] = []
+        self.batches: list[list[int]] = []
+
+    def training_step(self, batch, batch_idx):
+        loss = self.model(**batch).loss
+        self.losses.append(loss.item())
+        self.batches.append(batch["input_ids"][:, 0].tolist())
+        return loss
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=2e-2)
+        total = self.trainer.estimated_stepping_batches if self.scheduled else 100
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: max(0.1, 1 - step / total))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def strategy(**overrides) -> PagedQLoRAStrategy:
+    settings = dict(lora_r=4, lora_dropout=0.1, compute_dtype="float32", gradient_checkpointing=False)
+    settings.update(overrides)
+    return PagedQLoRAStrategy(**settings)
+
+
+def trainer(steps: int, callbacks=(), max_epochs: int | None = None, **overrides) -> pl.Trainer:
+    return pl.Trainer(
+        accelerator="cpu",
+        strategy=strategy(**overrides),
+        max_steps=steps,
+        max_epochs=max_epochs,
+        logger=False,
+        enable_checkpointing=bool(callbacks),
+        callbacks=list(callbacks),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+
+
+def adapters(module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+class CrashAt(pl.Callback):
+    """Raises when step ``step + 1`` starts, after the checkpoint of step ``step`` was written."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise SimulatedCrash(f"crash at step {self.step + 1}")
+
+
+@pytest.mark.parametrize(
+    "scheduled", [False, True], ids=["loader-built-after-restore", "loader-built-before"]
+)
+def test_resume_after_crash_mid_epoch_matches_uninterrupted_run(tmp_path, scheduled):
+    """10 samples in batches of 3: 4 batches per epoch. Crash after step 5 (mid-epoch 1), resume to
+    step 9: the run crosses an epoch boundary before and after the crash. Dropout is on, so the
+    random generators must come back too, and the learning-rate schedule is not constant.
+    With a worker process, the loader's iterator takes indices from the sampler as soon as it exists."""
+    data = samples()
+    epochs, workers = (3, 1) if scheduled else (None, 0)
+    straight = LlamaModule(scheduled)
+    trainer(9, max_epochs=epochs).fit(straight, loader(data, num_workers=workers))
+
+    first = LlamaModule(scheduled)
+    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
+    with pytest.raises(SimulatedCrash):
+        trainer(9, callbacks=[saver, CrashAt(5)], max_epochs=epochs).fit(
+            first, loader(data, num_workers=workers)
+        )
+    assert first.losses == straight.losses[:5]
+
+    resumed = LlamaModule(scheduled)
+    t = trainer(
+        9, callbacks=[ModelCheckpoint(dirpath=tmp_path / "after", every_n_train_steps=5)], max_epochs=epochs
+    )
+    t.fit(resumed, loader(data, num_workers=workers), ckpt_path=tmp_path / "step=5.ckpt")
+    assert t.global_step == 9
+    assert first.batches + resumed.batches == straight.batches  # same data, same order, nothing skipped
+    assert first.losses + resumed.losses == straight.losses  # bit for bit
+    for name, value in adapters(straight).items():
+        assert torch.equal(adapters(resumed)[name], value), name
+
+
+def test_checkpoint_carries_fingerprint_settings_and_resume_position(tmp_path):
+    module = LlamaModule()
+    t = trainer(2)
+    t.fit(module, loader(samples()))
+    t.save_checkpoint(tmp_path / "a.ckpt")
+    checkpoint = torch.load(tmp_path / "a.ckpt", weights_only=True)  # everything we add is weights-only safe
+    section = checkpoint["lightning_paged"]
+    assert section["fingerprint"]["base"]["kind"] == "tensors"  # built from a config
+    assert section["fingerprint"]["base"]["sha256"] == tensors_fingerprint(LlamaModule().model).sha256
+    assert section["fingerprint"]["settings"]["lora_r"] == 4
+    assert section["qlora"]["lora_dropout"] == 0.1
+    assert section["target_prefix"] == "model." and section["task_type"] == "CAUSAL_LM"
+    assert (
+        section["peft_config"]["r"] == 4
+        and sorted(section["peft_config"]["target_modules"])[0] == "down_proj"
+    )
+    # Lightning counts an epoch stopped by max_steps as done, and resumes with the next one.
+    assert (section["resume"]["epoch"], section["resume"]["batches"]) == (1, 0)
+    assert set(section["resume"]["rng"][0]) >= {"torch", "python", "numpy"}
+
+
+@pytest.fixture(scope="module")
+def saved_run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "run.ckpt"
+    t = trainer(1)
+    t.fit(LlamaModule(), loader(samples()))
+    t.save_checkpoint(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("seed", "overrides", "message"),
+    [
+        (1, {}, r"written with another base model \(the checkpoint's was built from a config"),
+        (0, {"quant_type": "fp4"}, r"another quant_type \('nf4' in the checkpoint, 'fp4' now\)"),
+        (0, {"lora_alpha": 16, "double_quant": False}, r"another double_quant .* and another lora_alpha"),
+    ],
+    ids=["other-base-weights", "other-quant-type", "other-settings"],
+)
+def test_resume_onto_another_base_or_settings_is_refused(saved_run, seed, overrides, message):
+    with pytest.raises(CheckpointMismatchError, match=message):
+        trainer(2, **overrides).fit(LlamaModule(seed=seed), loader(samples()), ckpt_path=saved_run)
+
+
+def test_settings_that_do_not_change_the_weights_may_change_on_resume(saved_run):
+    module = LlamaModule()
+    t = trainer(2, lora_dropout=0.0, quant_storage="float32")
+    t.fit(module, loader(samples()), ckpt_path=saved_run)
+    assert t.global_step == 2 and len(module.losses) == 1
+
+
+def test_base_directory_fingerprint_names_the_files_that_differ_and_is_cached(tmp_path):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_config())
+    model.save_pretrained(tmp_path / "a", max_shard_size="40KB")
+    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
+    assert len(shards) > 1
+    saved = files_fingerprint(tmp_path / "a")
+    assert saved.kind == "files" and set(saved.files) == set(shards)
+
+    with torch.no_grad():
+        model.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # one layer retrained
+    model.save_pretrained(tmp_path / "b", max_shard_size="40KB")
+    other = files_fingerprint(tmp_path / "b")
+    changed = [n for n in shards if saved.files[n] != other.files[n]]
+    assert len(changed) == 1
+    from lightning_paged.core.fingerprint import Fingerprint, describe_differences
+
+    (difference,) = describe_differences(Fingerprint(saved, {}), Fingerprint(other, {}))
+    assert f"loaded from {tmp_path / 'a'}" in difference and f"different content: {changed[0]}" in difference
+
+    # Cached by (path, size, mtime): a rewrite that keeps both is not re-read; a touched file is.
+    shard = tmp_path / "a" / shards[0]
+    stat = shard.stat()
+    content = bytearray(shard.read_bytes())
+    content[-1] ^= 0xFF
+    shard.write_bytes(bytes(content))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert files_fingerprint(tmp_path / "a").files[shards[0]] == saved.files[shards[0]]
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
+    assert files_fingerprint(tmp_path / "a").files[shards[0]] != saved.files[shards[0]]
+    assert default_cache_file().is_file()
+
+
+def _failing_save(real_save):
+    """torch.save that writes half of the checkpoint, then fails like a full disk."""
+
+    def save(obj, file, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    return save
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    save_checkpoint_file({"step": 1, "w": torch.ones(1000)}, path)
+    monkeypatch.setattr(torch, "save", _failing_save(torch.save))
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint_file({"step": 2, "w": torch.zeros(1000)}, path)
+    assert os.listdir(tmp_path) == ["model.ckpt"]  # no partial file left behind
+    assert read_checkpoint(path)["step"] == 1
+
+
+class FailSavesFrom(pl.Callback):
+    """Makes every checkpoint write from step ``step`` on fail halfway (runs before ModelCheckpoint)."""
+
+    def __init__(self, step: int, monkeypatch) -> None:
+        self.step, self.monkeypatch = step, monkeypatch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            self.monkeypatch.setattr(torch, "save", _failing_save(torch.save))
+
+
+def test_save_failure_during_training_keeps_last_good_checkpoint_resumable(tmp_path, monkeypatch):
+    saver = ModelCheckpoint(
+        dirpath=tmp_path, filename="latest", every_n_train_steps=1, enable_version_counter=False
+    )
+    t = trainer(3, callbacks=[saver, FailSavesFrom(2, monkeypatch)])
+    assert isinstance(t.strategy.checkpoint_io, AtomicCheckpointIO)
+    with pytest.raises(OSError, match="No space left"):
+        t.fit(LlamaModule(), loader(samples()))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["latest.ckpt"]
+    assert read_checkpoint(tmp_path / "latest.ckpt")["global_step"] == 1
+    resumed = LlamaModule()
+    t = trainer(3)
+    t.fit(resumed, loader(samples()), ckpt_path=tmp_path / "latest.ckpt")
+    assert t.global_step == 3 and len(resumed.losses) == 2
+
+
+def test_missing_or_truncated_checkpoint_is_named_clearly(saved_run, tmp_path):
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(saved_run.read_bytes()[: saved_run.stat().st_size // 2])
+    with pytest.raises(
+        CheckpointReadError, match=r"truncated.ckpt \(.* bytes\) cannot be read.*truncated or corrupt"
+    ):
+        read_checkpoint(truncated)
+    with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
+        trainer(2).fit(LlamaModule(), loader(samples()), ckpt_path=truncated)
+    with pytest.raises(FileNotFoundError, match="missing.ckpt does not exist"):
+        trainer(2).fit(LlamaModule(), loader(samples()), ckpt_path=tmp_path / "missing.ckpt")
+    (tmp_path / "empty.ckpt").touch()
+    with pytest.raises(CheckpointReadError, match="is empty"):
+        read_checkpoint(tmp_path / "empty.ckpt")
+
+
+def test_resumable_sampler_order_depends_on_seed_and_epoch_only():
+    data = list(range(11))
+    sampler = ResumableSampler(data, seed=5)
+    epoch0 = list(sampler)
+    sampler.set_epoch(1)
+    epoch1 = list(sampler)
+    assert sorted(epoch0) == sorted(epoch1) == data and epoch0 != epoch1
+    fresh = ResumableSampler(data, seed=5)
+    fresh.resume(1, 4)
+    assert list(fresh) == epoch1[4:]
+    assert list(fresh) == epoch1  # the start applies to one iteration only
+    other = ResumableSampler(data, seed=6)
+    other.load_state_dict({"epoch": 1, "start": 0, "seed": 6})
+    assert list(other) != epoch1
+    with pytest.raises(ValueError, match="seed 5 but this sampler uses seed 6"):
+        other.load_state_dict(fresh.state_dict())
+    ranks = [list(ResumableSampler(data, seed=5, num_replicas=2, rank=r, drop_last=True)) for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1]) == 5 and not set(ranks[0]) & set(ranks[1])
+
+
+def test_resume_dataloader_continues_with_the_remaining_batches():
+    data = list(range(10))
+    straight = DataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=1))
+    straight.sampler.set_epoch(2)
+    expected = [b.tolist() for b in straight]
+    resumed = DataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=1))
+    assert resume_dataloader(resumed, epoch=2, batches=2)
+    assert [b.tolist() for b in resumed] == expected[2:]
+    unbatched = DataLoader(data, batch_size=None, sampler=ResumableSampler(data, seed=1))
+    assert resume_dataloader(unbatched, epoch=0, batches=7) and len(list(unbatched)) == 3
+    assert not resume_dataloader(DataLoader(data, batch_size=3, shuffle=True), epoch=0, batches=1)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    import numpy as np
+
+    state = capture_rng_state()
+    drawn = (torch.rand(3), random.random(), np.random.rand())
+    torch.save(state, tmp_path / "rng.pt")
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert (
+        torch.equal(torch.rand(3), drawn[0]) and random.random() == drawn[1] and np.random.rand() == drawn[2]
+    )
