@@ -42,7 +42,7 @@ from lightning_paged.core.qlora import QLoRAConfig
 from lightning_paged.fabric import (
     LoopEvictionMonitor,
     build_paged_optimizer,
-    convert_module,
+    convert_model,
     is_qlora,
     load_adapter_state_dict,
     optimizer_config,
@@ -112,7 +112,7 @@ def prepare_paged_qlora(
         )
     settings = qlora_config(qlora)
     opt_settings = optimizer_config(optimizer)
-    report = convert_module(model, settings, accelerator.device, model_attr)
+    report = convert_model(model, settings, accelerator.device, model_attr)
     if report is not None:
         accelerator.print(report.summary())
     per_step = accelerator.num_processes if _scheduler_steps_per_process(accelerator) else 1

@@ -79,16 +79,33 @@ from lightning_paged.lightning.monitor import LOG_NAME, SUMMARY_NAME, rank_path,
 _QLORA_FIELDS = {f.name for f in fields(QLoRAConfig)}
 
 
-def qlora_config(value: QLoRAConfig | Mapping[str, Any] | None, where: str = "qlora.") -> QLoRAConfig:
-    """A validated :class:`QLoRAConfig` from a config, a mapping of its fields, or None (the defaults)."""
-    config = QLoRAConfig(**value) if isinstance(value, Mapping) else value or QLoRAConfig()
-    if not isinstance(config, QLoRAConfig):
-        raise SettingError(where.rstrip("."), value, "must be a QLoRAConfig or a dict of its fields")
+def _settings(cls: type[Any], value: Any, where: str) -> Any:
+    """A validated settings dataclass from an instance, a mapping of its fields, or None (the defaults)."""
+    if isinstance(value, Mapping):
+        names = [f.name for f in fields(cls)]
+        unknown = [key for key in value if key not in names]
+        if unknown:
+            raise SettingError(
+                f"{where}{unknown[0]}",
+                value[unknown[0]],
+                f"is not a setting of {cls.__name__}; its settings: " + ", ".join(names),
+            )
+        value = cls(**value)
+    config = cls() if value is None else value
+    if not isinstance(config, cls):
+        raise SettingError(
+            where.rstrip("."), type(value).__name__, f"must be {cls.__name__}(...) or a dict of its fields"
+        )
     try:
         config.validate()
     except SettingError as err:
         raise err.located(where) from None
     return config
+
+
+def qlora_config(value: QLoRAConfig | Mapping[str, Any] | None, where: str = "qlora.") -> QLoRAConfig:
+    """A validated :class:`QLoRAConfig` from a config, a mapping of its fields, or None (the defaults)."""
+    return _settings(QLoRAConfig, value, where)
 
 
 def is_qlora(module: nn.Module) -> bool:
@@ -111,7 +128,7 @@ def broadcast_from_rank_zero(module: nn.Module, device: torch.device) -> None:
             tensor.data.copy_(staged)
 
 
-def convert_module(
+def convert_model(
     module: nn.Module,
     config: QLoRAConfig,
     device: torch.device | None,
@@ -187,19 +204,7 @@ def optimizer_config(
     value: OptimizerConfig | Mapping[str, Any] | None, where: str = "optimizer."
 ) -> OptimizerConfig:
     """A validated :class:`OptimizerConfig` from a config, a mapping of its fields, or None (the defaults)."""
-    config = OptimizerConfig(**value) if isinstance(value, Mapping) else value or OptimizerConfig()
-    if not isinstance(config, OptimizerConfig):
-        raise SettingError(
-            where.rstrip("."),
-            type(value).__name__,
-            "must be an OptimizerConfig or a dict of its fields; the optimizer itself is built after the "
-            "conversion, over the adapter weights",
-        )
-    try:
-        config.validate()
-    except SettingError as err:
-        raise err.located(where) from None
-    return config
+    return _settings(OptimizerConfig, value, where)
 
 
 def build_paged_optimizer(
@@ -292,7 +297,7 @@ class _QLoRAFabricMixin:
         if any(module is seen for seen in self._qlora_modules):
             return
         self._check_precision()
-        report = convert_module(module, self.qlora, device, self.model_attr)
+        report = convert_model(module, self.qlora, device, self.model_attr)
         self._qlora_modules.append(module)
         if report is not None:
             self.conversion_report = report

@@ -189,6 +189,8 @@ def test_precision_that_casts_weights_is_refused_mixed_is_accepted():
 def test_settings_are_checked_with_their_names():
     with pytest.raises(SettingError, match="qlora.lora_r must be a positive integer"):
         PagedQLoRAFabricStrategy({"lora_r": 0})
+    with pytest.raises(SettingError, match="qlora.lora_rank is not a setting of QLoRAConfig; its settings: "):
+        PagedQLoRAFabricStrategy({"lora_rank": 8})
     with pytest.raises(SettingError, match="qlora.quant_type must be one of nf4, fp4"):
         PagedQLoRAFabricDDPStrategy(QLoRAConfig(quant_type="nf8"))
     with pytest.raises(SettingError, match="devices .*paged_qlora_ddp"):
