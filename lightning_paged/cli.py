@@ -149,6 +149,7 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``lightning-paged`` and ``python -m lightning_paged``."""
+    from_console = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "report":
         from lightning_paged import report
@@ -159,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return export_cli.main(argv[1:])
     try:
-        cli_main(argv)
+        # From the console LightningCLI reads sys.argv itself (and warns when handed it as args).
+        cli_main(None if from_console else argv)
     except SettingError as err:
         print(f"lightning-paged: error: {err}", file=sys.stderr)
         return 2
