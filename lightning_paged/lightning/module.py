@@ -1,0 +1,209 @@
+"""A transformers causal language model as a LightningModule, trained on response tokens only."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.utilities import rank_zero_info
+from typing_extensions import override
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
+from lightning_paged.lightning.mixin import PagedOptimizerMixin
+
+# Config arguments that transformers accepts without listing them among a config's attributes.
+_EXTRA_CONFIG_KEYS = {"attn_implementation", "rope_theta", "rope_scaling"}
+
+
+class CausalLMModule(PagedOptimizerMixin, LightningModule):
+    """A causal LM from a local directory or built from a config, with a paged optimizer.
+
+    The transformers model is ``self.model``: the QLoRA strategy converts that attribute to NF4 +
+    LoRA at setup. Batches are those of :class:`~lightning_paged.lightning.data.InstructionDataModule`
+    (``input_ids``, ``attention_mask`` and ``labels`` that are -100 off the response).
+
+    Logged: ``train/loss`` (per step), ``train/tokens`` (non-padding tokens in the step's batch),
+    ``val/loss`` and ``test/loss`` (per epoch, averaged over response tokens).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | None = None,
+        model_config: dict[str, Any] | None = None,
+        tokenizer: str = "byte",
+        optimizer: OptimizerConfig | None = None,
+        sample_prompt: str | None = None,
+        sample_max_new_tokens: int = 32,
+    ) -> None:
+        """
+        Args:
+            model_name_or_path: A local directory holding a transformers causal LM (``config.json`` and
+                weights). Loaded in bfloat16; nothing is downloaded.
+            model_config: A transformers config as a dict, with ``model_type`` (e.g. ``{"model_type":
+                "llama", "hidden_size": 64, ...}``), for a randomly initialised model. ``vocab_size``
+                defaults to the tokenizer's size. Give this or ``model_name_or_path``, not both.
+            tokenizer: ``"byte"`` or a local tokenizer directory: the data's tokenizer, used to decode
+                the generated sample (the CLI links it to ``data.tokenizer``).
+            optimizer: Optimizer and learning-rate schedule; None takes the defaults.
+            sample_prompt: An instruction to answer after each validation, logged on rank zero so you
+                can watch the model learn. Formatted with the data module's prompt template. None: off.
+            sample_max_new_tokens: Most tokens generated for the sample.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.optimizer_config = optimizer
+        if sample_max_new_tokens < 1:
+            raise SettingError("sample_max_new_tokens", sample_max_new_tokens, "must be a positive integer")
+        self.sample_prompt = sample_prompt
+        self.sample_max_new_tokens = sample_max_new_tokens
+        self.tokenizer = load_tokenizer(tokenizer)
+        self.last_sample: str | None = None
+        if (model_name_or_path is None) == (model_config is None):
+            raise SettingError(
+                "model_name_or_path",
+                model_name_or_path,
+                "and model_config: give exactly one (a local model directory, or a config dict to initialise "
+                "a model randomly)",
+            )
+        if model_config is not None:
+            self.model = self._from_config(model_config)
+        else:
+            self.model = self._load(model_name_or_path)
+            rows = self.model.get_input_embeddings().num_embeddings
+            self._check_vocab(rows, "model_name_or_path", model_name_or_path)
+
+    def _from_config(self, model_config: dict[str, Any]) -> Any:
+        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+        settings = dict(model_config)
+        model_type = settings.pop("model_type", None)
+        if model_type not in CONFIG_MAPPING:
+            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            hint = f"did you mean {', '.join(close)}?" if close else "e.g. 'llama', 'mistral', 'qwen2'"
+            raise SettingError(
+                "model_config.model_type", model_type, f"must name a transformers model type; {hint}"
+            )
+        config_class = CONFIG_MAPPING[model_type]
+        known = set(config_class().to_dict()) | _init_arguments(config_class) | _EXTRA_CONFIG_KEYS
+        for key in settings:
+            if key not in known:
+                close = difflib.get_close_matches(key, sorted(known), n=1)
+                hint = f"did you mean {close[0]!r}?" if close else f"see {config_class.__name__}"
+                raise SettingError(
+                    f"model_config.{key}", settings[key], f"is not a {model_type} setting; {hint}"
+                )
+        settings.setdefault("vocab_size", len(self.tokenizer))
+        self._check_vocab(settings["vocab_size"], "model_config.vocab_size", settings["vocab_size"])
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            settings.setdefault(name, getattr(self.tokenizer, name, None))
+        config = config_class(**settings)
+        return AutoModelForCausalLM.from_config(config)
+
+    def _load(self, model_name_or_path: str | None) -> Any:
+        path = Path(str(model_name_or_path)).expanduser()
+        if not (path / "config.json").is_file():
+            problem = "has no config.json" if path.is_dir() else "is not a local directory"
+            raise SettingError(
+                "model_name_or_path",
+                model_name_or_path,
+                f"{problem}; give the directory of a saved transformers model (nothing is downloaded), "
+                "or model_config to build a model from a config",
+            )
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM.from_pretrained(
+            str(path), dtype=torch.bfloat16, low_cpu_mem_usage=True, local_files_only=True
+        )
+
+    def _check_vocab(self, rows: int, setting: str, value: object) -> None:
+        if rows < len(self.tokenizer):
+            raise SettingError(
+                setting,
+                value,
+                f"gives a vocabulary of {rows} tokens, fewer than the {len(self.tokenizer)} of the tokenizer "
+                f"({self.hparams['tokenizer']}); the model's vocabulary must cover every token id",
+            )
+
+    @override
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+    ) -> Any:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        out = self.model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
+        )
+        return out.loss
+
+    @override
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        loss = self._loss(batch)
+        size = batch["input_ids"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=size)
+        self.log("train/tokens", batch["attention_mask"].sum().float(), batch_size=size)
+        return loss
+
+    @override
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    @override
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def _evaluate(self, batch: dict[str, torch.Tensor], prefix: str) -> None:
+        # Weighting each batch by its response tokens makes the epoch value a per-token mean.
+        targets = int((batch["labels"][:, 1:] != -100).sum())
+        self.log(
+            f"{prefix}/loss", self._loss(batch), prog_bar=True, sync_dist=True, batch_size=max(targets, 1)
+        )
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        if self.sample_prompt is None or not self.trainer.is_global_zero:
+            return
+        self.last_sample = self.generate_sample(self.sample_prompt)
+        rank_zero_info(f"Sample at step {self.global_step}: {self.sample_prompt!r} -> {self.last_sample!r}")
+        for logger in self.loggers:
+            add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
+            if callable(add_text):
+                add_text("sample", f"{self.sample_prompt} -> {self.last_sample}", self.global_step)
+
+    @torch.no_grad()
+    def generate_sample(self, instruction: str) -> str:
+        """Greedy answer to ``instruction``, in the data module's prompt format when there is one."""
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if callable(getattr(datamodule, "prompt_ids", None)):
+            ids = datamodule.prompt_ids(instruction)  # type: ignore[union-attr]
+        else:
+            bos = getattr(self.tokenizer, "bos_token_id", None)
+            ids = ([] if bos is None else [bos]) + encode_texts(self.tokenizer, [instruction])[0]
+        input_ids = torch.tensor([ids], device=self.device)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            output = self.model.generate(
+                input_ids=input_ids,
+                attention_mask=torch.ones_like(input_ids),
+                max_new_tokens=self.sample_max_new_tokens,
+                do_sample=False,
+                use_cache=True,
+                pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.tokenizer.eos_token_id,
+            )
+        finally:
+            self.model.train(was_training)
+        return self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def _init_arguments(config_class: type) -> set[str]:
+    import inspect
+
+    return {name for name in inspect.signature(config_class).parameters if name != "kwargs"}

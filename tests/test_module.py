@@ -1,0 +1,152 @@
+"""CausalLMModule: building the model, response-only loss, training with a plain Trainer, the sample."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import tiny_llama_config
+from transformers import LlamaForCausalLM
+
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.lightning.data import IGNORE_INDEX, InstructionDataModule
+from lightning_paged.lightning.module import CausalLMModule
+
+TINY = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 1,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+}
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def trainer(**kwargs) -> pl.Trainer:
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(kwargs)
+    return pl.Trainer(**settings)
+
+
+def test_model_from_config_covers_the_byte_tokenizer():
+    module = CausalLMModule(model_config=TINY)
+    config = module.model.config
+    assert config.vocab_size == 259 == module.model.get_input_embeddings().num_embeddings
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (256, 257, 258)
+    assert config.hidden_size == 64 and config.num_hidden_layers == 1
+    assert module.resolved_optimizer_config() == OptimizerConfig()  # no settings: the defaults
+
+
+def test_loss_is_on_response_tokens_only(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Reverse: abc", "output": "cba"}] * 2)
+    dm = InstructionDataModule(path, val_split=0, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=TINY)
+    logits = module(batch["input_ids"], batch["attention_mask"]).logits
+    targets = batch["labels"][:, 1:]
+    keep = targets != IGNORE_INDEX
+    assert keep.sum() == 2 * len("cba<eos>".replace("<eos>", "x"))  # response bytes + end of sequence
+    expected = torch.nn.functional.cross_entropy(logits[:, :-1][keep], targets[keep])
+    torch.testing.assert_close(module._loss(batch), expected)
+    everything = torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["input_ids"][:, 1:].flatten()
+    )
+    assert not torch.isclose(module._loss(batch), everything)
+
+
+def test_trains_with_a_plain_trainer_and_logs_its_metrics(tmp_path):
+    rows = [
+        {"instruction": f"Uppercase: {w}", "output": w.upper()} for w in ["cat", "horse", "tiger", "owl"] * 4
+    ]
+    dm = InstructionDataModule(write_jsonl(tmp_path / "d.jsonl", rows), val_split=4, batch_size=4)
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=TINY, optimizer=OptimizerConfig(name="adamw", lr=3e-3))
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    t = trainer(max_steps=6, val_check_interval=3, limit_val_batches=1)
+    t.fit(module, dm)
+    metrics = t.callback_metrics
+    assert math.isfinite(metrics["train/loss"].item()) and math.isfinite(metrics["val/loss"].item())
+    assert metrics["train/tokens"].item() > 4 * 20  # four samples of more than 20 tokens each
+    changed = [n for n, p in module.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)
+    t.test(module, dm, verbose=False)
+    assert math.isfinite(t.callback_metrics["test/loss"].item())
+
+
+def test_learns_and_the_sample_uses_the_data_prompt_format(tmp_path):
+    """Two instructions, learned by heart: after training, the greedy sample answers the one asked."""
+    rows = [{"instruction": "Say hi", "output": "world"}, {"instruction": "Say no", "output": "stop"}] * 4
+    dm = InstructionDataModule(write_jsonl(tmp_path / "d.jsonl", rows), val_split=2, batch_size=4)
+    torch.manual_seed(0)
+    module = CausalLMModule(
+        model_config={**TINY, "num_hidden_layers": 2},
+        optimizer=OptimizerConfig(name="adamw", lr=1e-2),
+        sample_prompt="Say hi",
+        sample_max_new_tokens=8,
+    )
+    t = trainer(max_steps=80, val_check_interval=40, check_val_every_n_epoch=None, limit_val_batches=1)
+    t.fit(module, dm)
+    assert t.callback_metrics["train/loss"].item() < 0.5
+    assert module.last_sample == "world"
+    assert module.model.training  # generation put the model back in train mode
+    assert module.generate_sample("Say no") == "stop"
+
+
+def test_loads_a_local_model_directory_in_bfloat16(tmp_path):
+    torch.manual_seed(0)
+    CausalLMModule(model_config=TINY).model.save_pretrained(tmp_path / "tiny")
+    module = CausalLMModule(model_name_or_path=str(tmp_path / "tiny"))
+    assert next(module.model.parameters()).dtype == torch.bfloat16
+    assert module.model.config.vocab_size == 259
+    LlamaForCausalLM(tiny_llama_config(vocab_size=128)).save_pretrained(tmp_path / "small")
+    with pytest.raises(
+        SettingError, match=r"^model_name_or_path gives a vocabulary of 128 tokens, fewer than"
+    ):
+        CausalLMModule(model_name_or_path=str(tmp_path / "small"))
+
+
+def test_bad_model_settings_are_clear_errors(tmp_path):
+    with pytest.raises(SettingError, match=r"^model_name_or_path and model_config: give exactly one"):
+        CausalLMModule()
+    with pytest.raises(SettingError, match=r"^model_name_or_path and model_config: give exactly one"):
+        CausalLMModule(model_name_or_path=str(tmp_path), model_config=TINY)
+    with pytest.raises(
+        SettingError, match=r"^model_name_or_path is not a local directory.*nothing is downloaded"
+    ):
+        CausalLMModule(model_name_or_path="meta-llama/Llama-2-7b-hf")
+    with pytest.raises(SettingError, match=r"^model_name_or_path has no config.json"):
+        CausalLMModule(model_name_or_path=str(tmp_path))
+    with pytest.raises(SettingError, match=r"^model_config.model_type must name .*did you mean llama"):
+        CausalLMModule(model_config={**TINY, "model_type": "lama"})
+    with pytest.raises(
+        SettingError, match=r"^model_config.hidden_sise is not a llama setting; did you mean 'hidden_size'"
+    ):
+        CausalLMModule(model_config={**TINY, "hidden_sise": 64})
+    with pytest.raises(
+        SettingError, match=r"^model_config.vocab_size gives a vocabulary of 128 tokens, fewer"
+    ):
+        CausalLMModule(model_config={**TINY, "vocab_size": 128})
+    with pytest.raises(SettingError, match=r"^tokenizer is not a local directory"):
+        CausalLMModule(model_config=TINY, tokenizer=str(tmp_path / "missing"))
+    with pytest.raises(SettingError, match=r"^sample_max_new_tokens must be a positive integer"):
+        CausalLMModule(model_config=TINY, sample_max_new_tokens=0)
