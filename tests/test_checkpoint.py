@@ -196,7 +196,7 @@ def saved_run(tmp_path_factory):
 @pytest.mark.parametrize(
     ("seed", "overrides", "message"),
     [
-        (1, {}, r"written with another base model \(the checkpoint's was built from a config"),
+        (1, {}, r"written with another base model \(in the checkpoint: built from a config"),
         (0, {"quant_type": "fp4"}, r"another quant_type \('nf4' in the checkpoint, 'fp4' now\)"),
         (0, {"lora_alpha": 16, "double_quant": False}, r"another double_quant .* and another lora_alpha"),
     ],
@@ -232,7 +232,11 @@ def test_base_directory_fingerprint_names_the_files_that_differ_and_is_cached(tm
     from lightning_paged.core.fingerprint import Fingerprint, describe_differences
 
     (difference,) = describe_differences(Fingerprint(saved, {}), Fingerprint(other, {}))
-    assert f"loaded from {tmp_path / 'a'}" in difference and f"different content: {changed[0]}" in difference
+    assert f"in the checkpoint: loaded from {tmp_path / 'a'}" in difference
+    assert (
+        f"now: loaded from {tmp_path / 'b'}" in difference
+        and f"different content: {changed[0]}" in difference
+    )
 
     # Cached by (path, size, mtime): a rewrite that keeps both is not re-read; a touched file is.
     shard = tmp_path / "a" / shards[0]

@@ -61,7 +61,8 @@ def read_checkpoint(
     except Exception as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise  # a readable file whose content the safe loader refuses: torch's message says what to do
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        first_line = text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
         raise CheckpointReadError(
             f"Checkpoint {path} ({size:,} bytes) cannot be read: {first_line}. The file is truncated or "
             "corrupt (an interrupted copy or download, or a crash while a non-atomic writer was saving it); "

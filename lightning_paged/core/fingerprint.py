@@ -169,22 +169,24 @@ def tensors_fingerprint(model: nn.Module) -> BaseFingerprint:
     )
 
 
-def describe_differences(saved: Fingerprint, current: Fingerprint, where: str = "") -> list[str]:
+def describe_differences(
+    saved: Fingerprint, current: Fingerprint, where: str = "", now: str = "now"
+) -> list[str]:
     """What differs between the fingerprint in a checkpoint and the current one, one phrase each.
 
     ``where`` prefixes setting names with their location in the user's config
-    (``trainer.strategy.init_args.``).
+    (``trainer.strategy.init_args.``); ``now`` says where the current values come from.
     """
     differences = []
     if saved.base.sha256 != current.base.sha256:
         differences.append(
-            f"another base model (the checkpoint's was {saved.base.describe()}; this one is "
-            f"{current.base.describe()}{_file_differences(saved.base, current.base)})"
+            f"another base model (in the checkpoint: {saved.base.describe()}; {now}: {current.base.describe()}"
+            f"{_base_hint(saved.base, current.base)})"
         )
     for name in sorted(set(saved.settings) | set(current.settings)):
-        before, now = saved.settings.get(name), current.settings.get(name)
-        if before != now:
-            differences.append(f"another {where}{name} ({before!r} in the checkpoint, {now!r} now)")
+        before, after = saved.settings.get(name), current.settings.get(name)
+        if before != after:
+            differences.append(f"another {where}{name} ({before!r} in the checkpoint, {after!r} {now})")
     return differences
 
 
@@ -197,7 +199,9 @@ def mismatch_error(differences: Iterable[str], advice: str) -> CheckpointMismatc
     )
 
 
-def _file_differences(saved: BaseFingerprint, current: BaseFingerprint) -> str:
+def _base_hint(saved: BaseFingerprint, current: BaseFingerprint) -> str:
+    if saved.kind == current.kind == "tensors":
+        return "; the weights built from the config differ: another model_config or seed_everything?"
     if saved.kind != "files" or current.kind != "files":
         return ""
     changed = sorted(n for n in set(saved.files) & set(current.files) if saved.files[n] != current.files[n])

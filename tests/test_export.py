@@ -1,0 +1,284 @@
+"""lightning-paged export: PEFT adapter directories that PEFT loads, merges onto the 16-bit base, bad input."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+import bitsandbytes as bnb
+import lightning.pytorch as pl
+import pytest
+import torch
+import yaml
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+from safetensors import safe_open
+from torch.utils.data import DataLoader
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
+
+from lightning_paged.core.export import compare_logits
+from lightning_paged.export_cli import main
+from lightning_paged.lightning.strategies import PagedQLoRAStrategy
+
+VOCAB = 64
+SETTINGS = {"lora_r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "compute_dtype": "float32"}
+SETTINGS |= {"gradient_checkpointing": False}
+PROBE = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(11))
+
+
+def model_config() -> dict:
+    return dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+    )
+
+
+class RunModule(pl.LightningModule):
+    """A LightningModule like the CLI's: a causal LM from a model directory or from a config."""
+
+    def __init__(self, model_name_or_path: str | None = None, model_config: dict | None = None) -> None:
+        super().__init__()
+        if model_name_or_path is not None:
+            self.model = LlamaForCausalLM.from_pretrained(model_name_or_path, dtype=torch.float32).train()
+        else:
+            self.model = LlamaForCausalLM(LlamaConfig(**model_config))
+
+    def training_step(self, batch, batch_idx):
+        return self.model(**batch).loss
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=5e-2)
+
+
+def train_run(run_dir: Path, init_args: dict, settings: dict, seed: int = 0) -> RunModule:
+    """Train as ``lightning-paged fit`` would and leave its checkpoints and saved config in ``run_dir``."""
+    config = {
+        "seed_everything": seed,
+        "trainer": {"strategy": {"class_path": "lightning_paged.PagedQLoRAStrategy", "init_args": settings}},
+        "model": {"class_path": "test_export.RunModule", "init_args": init_args},
+    }
+    (run_dir / "logs" / "version_0").mkdir(parents=True)
+    (run_dir / "logs" / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))
+    seed_everything(seed, verbose=False)
+    module = RunModule(**init_args)
+    g = torch.Generator().manual_seed(1)
+    batches = [
+        {"input_ids": (ids := torch.randint(0, VOCAB, (2, 10), generator=g)), "labels": ids} for _ in range(3)
+    ]
+    saver = ModelCheckpoint(dirpath=run_dir / "checkpoints", save_last=True, every_n_train_steps=3)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        strategy=PagedQLoRAStrategy(**settings),
+        max_steps=3,
+        logger=False,
+        callbacks=[saver],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, DataLoader(batches, batch_size=None))
+    module.model.eval()
+    return module
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**model_config())).save_pretrained(path, max_shard_size="60KB")
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, base_dir) -> tuple[Path, RunModule]:
+    """A run whose base model is loaded from a directory of safetensors shards."""
+    path = tmp_path_factory.mktemp("run")
+    return path, train_run(path, {"model_name_or_path": str(base_dir)}, SETTINGS)
+
+
+@pytest.fixture(scope="module")
+def config_run(tmp_path_factory) -> tuple[Path, RunModule]:
+    """A run whose base model is built from a config (random init, seeded)."""
+    path = tmp_path_factory.mktemp("config_run")
+    return path, train_run(path, {"model_config": model_config()}, {**SETTINGS, "lora_r": 8}, seed=3)
+
+
+@torch.no_grad()
+def logits(model) -> torch.Tensor:
+    model.eval()
+    return model(input_ids=PROBE).logits.float()
+
+
+def load_4bit(base_dir: Path):
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quantization, dtype=torch.float32, device_map="cpu"
+    )
+    for (
+        layer
+    ) in model.modules():  # the CPU inference repacking stores absmax in bfloat16; compare like with like
+        if isinstance(layer, bnb.nn.Linear4bit):
+            layer.support_avx512bf16_for_cpu = False
+    return model
+
+
+def test_adapter_loads_in_peft_onto_4bit_base_with_the_trained_logits(run, base_dir, tmp_path, capsys):
+    from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+
+    run_dir, trained = run
+    out = tmp_path / "adapter"
+    assert main([str(run_dir), "--out", str(out)]) == 0
+    assert "Wrote the PEFT adapter" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(base_dir)
+    assert (config["r"], config["lora_alpha"], config["task_type"]) == (4, 8, "CAUSAL_LM")
+
+    # Key names exactly as PEFT itself saves an adapter with this config.
+    with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+        ours = set(f.keys())
+    reference = get_peft_model(
+        LlamaForCausalLM(LlamaConfig(**model_config())), LoraConfig(**_init_args(config))
+    )
+    assert ours == set(get_peft_model_state_dict(reference))
+
+    peft_model = PeftModel.from_pretrained(load_4bit(base_dir), str(out))
+    torch.testing.assert_close(logits(peft_model), logits(trained.model), rtol=0, atol=1e-5)
+    with peft_model.disable_adapter():  # the adapter is what makes them equal
+        assert not torch.allclose(logits(peft_model), logits(trained.model), atol=1e-3)
+
+
+def _init_args(config: dict) -> dict:
+    import dataclasses
+
+    from peft import LoraConfig
+
+    names = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
+    return {
+        k: v
+        for k, v in config.items()
+        if k in names and k not in ("base_model_name_or_path", "inference_mode")
+    }
+
+
+def test_merge_onto_16bit_weights_loads_in_transformers_and_reports_the_difference(
+    run, base_dir, tmp_path, capsys
+):
+    from peft import PeftModel
+
+    run_dir, trained = run
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert main([str(run_dir / "checkpoints" / "last.ckpt"), "--out", str(adapter)]) == 0
+    assert main([str(run_dir), "--out", str(merged_dir), "--merge", "--max-shard-size", "60KB"]) == 0
+    printed = capsys.readouterr().out
+    shards = sorted(p.name for p in merged_dir.glob("*.safetensors"))
+    assert len(shards) > 1 and (merged_dir / "model.safetensors.index.json").is_file()
+    assert (merged_dir / "config.json").is_file() and not (merged_dir / "adapter_config.json").exists()
+
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    base = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    # The adapter on the 16-bit base, applied by PEFT, is what the merged weights compute.
+    on_16bit = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32), str(adapter)
+    )
+    torch.testing.assert_close(logits(merged), logits(on_16bit), rtol=0, atol=1e-5)
+    assert not torch.allclose(logits(merged), logits(base), atol=1e-3)  # the adapter changed something
+
+    # The reported difference is the one between the merged model and the trained 4-bit + adapter model.
+    reported = float(re.search(r"largest logit difference ([0-9.e-]+)", printed).group(1))
+    measured = compare_logits(merged, trained.model, vocab_size=VOCAB)
+    assert reported == pytest.approx(measured.max_abs, rel=1e-3)
+    assert 0 < reported < 0.5  # NF4 quantization error on a tiny random model, not a broken merge
+
+
+def test_run_built_from_a_config_exports_and_merges(config_run, tmp_path, capsys):
+    from peft import PeftModel
+
+    run_dir, _ = config_run
+    assert main([str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+    assert (
+        json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+        is None
+    )
+    assert main([str(run_dir), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    assert "Against the 4-bit + adapter model" in capsys.readouterr().out
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    seed_everything(3, verbose=False)
+    rebuilt = RunModule(model_config=model_config()).model
+    on_16bit = PeftModel.from_pretrained(rebuilt, str(tmp_path / "adapter"))
+    torch.testing.assert_close(logits(merged), logits(on_16bit), rtol=0, atol=1e-5)
+
+
+def leftovers(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith("."))
+
+
+def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(
+    run, config_run, base_dir, tmp_path, capsys
+):
+    run_dir, _ = run
+    other_dir, _ = config_run
+
+    def refused(*args: str) -> str:
+        assert main(list(args)) != 0
+        return capsys.readouterr().err
+
+    out = tmp_path / "out"
+    # A checkpoint from another run, against this run's config.
+    mixed = tmp_path / "mixed"
+    shutil.copytree(run_dir / "logs", mixed / "logs")
+    (mixed / "checkpoints").mkdir()
+    shutil.copy(other_dir / "checkpoints" / "last.ckpt", mixed / "checkpoints" / "last.ckpt")
+    message = refused(str(mixed), "--out", str(out))
+    assert "does not belong to the run of" in message
+    assert "another trainer.strategy.init_args.lora_r (8 in the checkpoint, 4 in the config)" in message
+
+    # The same run's config, rebuilt with another seed: another base model.
+    reseeded = tmp_path / "reseeded"
+    shutil.copytree(other_dir, reseeded)
+    config_file = reseeded / "logs" / "version_0" / "config.yaml"
+    config_file.write_text(config_file.read_text().replace("seed_everything: 3", "seed_everything: 4"))
+    message = refused(str(reseeded), "--out", str(out))
+    assert "does not fit this base model: it was written with another base model" in message
+    assert "another model_config or seed_everything?" in message
+
+    # A base directory with other weights, or none.
+    torch.manual_seed(1)
+    other_base = tmp_path / "other_base"
+    LlamaForCausalLM(LlamaConfig(**model_config())).save_pretrained(other_base, max_shard_size="60KB")
+    message = refused(str(run_dir), "--out", str(out), "--base", str(other_base))
+    assert f"another base model (in the checkpoint: loaded from {base_dir}" in message
+    assert "weight files with different content: model-00001-of-" in message
+    (tmp_path / "empty").mkdir()
+    assert "holds no model weights" in refused(
+        str(run_dir), "--out", str(out), "--base", str(tmp_path / "empty")
+    )
+
+    # Missing and truncated checkpoints.
+    assert "does not exist" in refused(str(tmp_path / "nope.ckpt"), "--out", str(out))
+    truncated = tmp_path / "truncated"
+    shutil.copytree(run_dir, truncated)
+    last = truncated / "checkpoints" / "last.ckpt"
+    last.write_bytes(last.read_bytes()[:1000])
+    assert "truncated or corrupt" in refused(str(last), "--out", str(out))
+    assert not out.exists() and leftovers(tmp_path) == []
+
+    # An existing output directory: refused, untouched; replaced with --overwrite.
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    assert "already exists" in refused(str(run_dir), "--out", str(out))
+    assert (out / "keep.txt").read_text() == "mine"
+    assert main([str(run_dir), "--out", str(out), "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert leftovers(tmp_path) == []
