@@ -6,7 +6,7 @@ The model is built from a config (random weights, nothing downloaded) and learns
 tasks of ``examples/data/instructions.jsonl`` through the byte tokenizer.
 :func:`prepare_paged_qlora` converts it on the accelerator's device, builds the paged optimizer
 over the adapters and prepares model, optimizer and schedule; the eviction monitor records every
-step. On 2 CPU cores the default run takes well under a minute.
+step. On 2 CPU cores the default run takes under a minute.
 
 Writes to ``--out`` (default ``runs/accelerate_qlora``): ``eviction_events.jsonl`` (one line per
 step), ``eviction_summary.txt`` and ``state/`` (``accelerator.save_state``: adapter weights,

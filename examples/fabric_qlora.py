@@ -6,7 +6,7 @@ The model is built from a config (random weights, nothing downloaded) and learns
 tasks of ``examples/data/instructions.jsonl`` through the byte tokenizer. ``fabric.setup_module``
 converts it (the ``paged_qlora`` strategy), :func:`build_paged_optimizer` builds the paged
 optimizer over the adapters, and the eviction monitor records every step. On 2 CPU cores the
-default run takes well under a minute; pass ``--accelerator cuda`` on a GPU.
+default run takes under a minute; pass ``--accelerator cuda`` on a GPU.
 
 Writes to ``--out`` (default ``runs/fabric_qlora``): ``eviction_events.jsonl`` (one line per step),
 ``eviction_summary.txt`` and ``adapters.ckpt`` (adapter weights and optimizer state only).

@@ -122,17 +122,41 @@ def test_bad_input_names_the_setting():
         prepare_paged_qlora(accelerator, model, optimizer={"scheduler": "linear"})
 
 
-def test_example_trains_saves_state_and_resumes(tmp_path):
-    example = runpy.run_path(str(ROOT / "examples" / "accelerate_qlora.py"))
-    args = ["--steps", "3", "--batch-size", "2", "--max-length", "128", "--out", str(tmp_path)]
-    first = example["main"](args)
-    assert len(first["losses"]) == 3
+EXAMPLE_ARGS = ["--steps", "3", "--batch-size", "2", "--max-length", "128"]
+
+
+@pytest.fixture(scope="module")
+def example_run(tmp_path_factory):
+    """One run of examples/accelerate_qlora.py, shared by the tests that inspect it."""
+    out = tmp_path_factory.mktemp("accelerate_example")
+    main = runpy.run_path(str(ROOT / "examples" / "accelerate_qlora.py"))["main"]
+    return main, out, main([*EXAMPLE_ARGS, "--out", str(out)])
+
+
+def test_example_trains_saves_state_and_resumes(example_run):
     from safetensors.torch import load_file
 
+    main, out, first = example_run
+    assert len(first["losses"]) == 3
     assert set(load_file(first["state_dir"] / "model.safetensors")) == set(adapters(first["model"]))
-    assert len(read_jsonl(tmp_path / "eviction_events.jsonl").records) == 3
-    assert (tmp_path / "eviction_summary.txt").exists()
+    assert len(read_jsonl(out / "eviction_events.jsonl").records) == 3
+    assert (out / "eviction_summary.txt").exists()
 
-    resumed = example["main"](["--steps", "4", *args[2:], "--resume", str(first["state_dir"])])
+    resumed = main(
+        ["--steps", "4", *EXAMPLE_ARGS[2:], "--out", str(out), "--resume", str(first["state_dir"])]
+    )
     assert len(resumed["losses"]) == 1  # continued at step 3
-    assert len(read_jsonl(tmp_path / "eviction_events.jsonl").records) == 4
+    assert len(read_jsonl(out / "eviction_events.jsonl").records) == 4
+
+
+def test_accelerate_and_fabric_examples_train_identically(example_run, tmp_path):
+    """Same seed, data and settings: both loops must take the same steps (same conversion, same optimizer)."""
+    _, _, theirs = example_run
+    fabric_main = runpy.run_path(str(ROOT / "examples" / "fabric_qlora.py"))["main"]
+    ours = fabric_main([*EXAMPLE_ARGS, "--out", str(tmp_path)])
+    assert ours["losses"] == pytest.approx(theirs["losses"], rel=1e-6)
+    fabric_adapters = {n: p for n, p in ours["model"].module.named_parameters() if p.requires_grad}
+    accelerate_adapters = adapters(theirs["model"])
+    assert set(fabric_adapters) == set(accelerate_adapters)
+    for name, param in accelerate_adapters.items():
+        torch.testing.assert_close(param, fabric_adapters[name], msg=name)
