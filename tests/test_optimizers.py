@@ -262,3 +262,23 @@ def test_on_cpu_a_paged_name_warns_once_per_run(monkeypatch):
         "paged_adamw_8bit: paging unavailable on cpu; optimizer state stays in ordinary memory"
     )
     assert not [m for m in messages if "Paged optimizers are not supported on CPU" in m]
+
+
+def _names_table() -> str:
+    rows = ["| name | builds | state | paged | spelled by |", "| --- | --- | --- | --- | --- |"]
+    for name, spec in OPTIMIZERS.items():
+        args = [f"optim_bits={spec.bits}", *(["is_paged=True"] if spec.paged else [])]
+        args += [f"{key}={value}" for key, value in spec.defaults]
+        paged = "yes" if spec.paged else "no"
+        rows.append(
+            f"| `{name}` | `{spec.algorithm}({', '.join(args)})` | {spec.bits}-bit | {paged} | {spec.origin} |"
+        )
+    return "\n".join(rows)
+
+
+def test_the_docs_list_every_name_as_the_table_builds_it():
+    from pathlib import Path
+
+    docs = (Path(__file__).parent.parent / "docs" / "optimizers.md").read_text()
+    table = _names_table()
+    assert table in docs, f"docs/optimizers.md needs this names table:\n{table}"
