@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,11 +146,11 @@ def merge_adapter(
 ) -> MergeReport:
     """Add the adapter to the 16-bit weights in ``base_dir`` and write a transformers model to ``out_dir``.
 
-    ``W + scale * (B @ A)`` is computed in float32 and stored in ``W``'s dtype. Every other file of
-    ``base_dir`` (config, generation config, tokenizer) is copied.
+    ``W + scale * (B @ A)`` is computed in float32 and stored in ``W``'s dtype. Output shards are
+    laid out from the input files' headers first, then written one tensor at a time: host memory
+    holds one tensor (and a bounded float32 block of it) at a time, plus the adapter. Every other
+    file of ``base_dir`` (config, generation config, tokenizer) is copied.
     """
-    from safetensors import safe_open
-
     if adapter.config.get("use_dora"):
         raise ExportError(
             "merging a DoRA adapter (use_dora) is not supported; export the adapter and merge it with PEFT's "
@@ -160,101 +161,151 @@ def merge_adapter(
     base = Path(base_dir)
     shards = sorted(base.glob("*.safetensors"))
     if not shards:
-        other = (
-            "only PyTorch .bin files; re-save it with save_pretrained(safe_serialization=True)"
-            if any(base.glob("*.bin"))
-            else "no model weights"
-        )
+        other = "no model weights"
+        if any(base.glob("*.bin")):
+            other = "only PyTorch .bin files; re-save it with save_pretrained(safe_serialization=True)"
         raise ExportError(
             f"base directory {base} holds {other}: merging reads the 16-bit safetensors weights"
         )
+    entries = [entry for shard in shards for entry in _tensor_entries(shard)]
     targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    writer = _ShardWriter(out, max_shard_size)
-    merged: set[str] = set()
-    with progress_bar("merging", sum(p.stat().st_size for p in shards), progress) as advance:
-        for shard in shards:
-            with safe_open(str(shard), framework="pt") as reader:
-                for name in reader.keys():  # noqa: SIM118  (safe_open has no __iter__)
-                    tensor = reader.get_tensor(name)
-                    if name in targets:
-                        tensor = _merged(tensor, *targets[name], adapter.scale)
-                        merged.add(name)
-                    writer.add(name, tensor)
-            advance(shard.stat().st_size)
-    missing = sorted(set(targets) - merged)
+    missing = sorted(set(targets) - {e.name for e in entries})
     if missing:
-        writer.abort()
         raise ExportError(
             f"{len(missing)} adapted layers have no weight in the base files of {base} (first: {missing[0]}): "
             "this is not the base model the adapter was trained on"
         )
-    report = writer.close()
-    report.merged = len(merged)
+    groups = _shard_groups(entries, max_shard_size)
+    count = len(groups)
+    names = (
+        ["model.safetensors"]
+        if count == 1
+        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    total = sum(e.nbytes for e in entries)
+    with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
+        for group, name in zip(groups, names):
+            _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
+    if count > 1:
+        weight_map = {e.name: name for group, name in zip(groups, names) for e in group}
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for item in base.iterdir():
         if item.is_file() and item.suffix not in (".safetensors", ".bin") and item.name != INDEX_NAME:
             shutil.copy2(item, out / item.name)
-    return report
+    return MergeReport(files=names, merged=len(targets), tensors=len(entries), total_bytes=total)
+
+
+@dataclass
+class _Entry:
+    """One tensor of an input safetensors file, from its header."""
+
+    name: str
+    shard: Path
+    dtype: str
+    shape: list[int]
+    nbytes: int
+
+
+def _tensor_entries(shard: Path) -> list[_Entry]:
+    with open(shard, "rb") as file:
+        (length,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(length))
+    header.pop("__metadata__", None)
+    entries = [
+        _Entry(
+            name, shard, info["dtype"], list(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0]
+        )
+        for name, info in header.items()
+    ]
+    return sorted(entries, key=lambda e: e.name)
+
+
+def _shard_groups(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
+    groups: list[list[_Entry]] = [[]]
+    size = 0
+    for entry in entries:
+        if groups[-1] and size + entry.nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(entry)
+        size += entry.nbytes
+    return groups
+
+
+class _TensorReader(contextlib.ExitStack):
+    """Reads tensors from safetensors files, keeping only the current file open."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.path: Path | None = None
+        self.file: Any = None
+
+    def get(self, entry: _Entry) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if entry.shard != self.path:
+            self.close()
+            self.file = self.enter_context(safe_open(str(entry.shard), framework="pt"))
+            self.path = entry.shard
+        return self.file.get_tensor(entry.name)
+
+
+def _write_safetensors(
+    path: Path,
+    entries: list[_Entry],
+    reader: _TensorReader,
+    targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    scale: float,
+    advance: Callable[[int], None],
+) -> None:
+    """A safetensors file written tensor by tensor: the header is known from the input headers."""
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for entry in entries:
+        header[entry.name] = {
+            "dtype": entry.dtype,
+            "shape": entry.shape,
+            "data_offsets": [offset, offset + entry.nbytes],
+        }
+        offset += entry.nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(struct.pack("<Q", len(encoded)))
+        file.write(encoded)
+        for entry in entries:
+            tensor = reader.get(entry)
+            if entry.name in targets:
+                tensor = _merged(tensor, *targets[entry.name], scale)
+            data = tensor.contiguous().reshape(-1).view(torch.uint8)
+            if data.numel() != entry.nbytes:
+                raise ExportError(
+                    f"{entry.shard.name}: {entry.name} holds {data.numel()} bytes, its header says {entry.nbytes}"
+                )
+            file.write(data.numpy().data)
+            advance(entry.nbytes)
 
 
 def _merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    delta = lora_b.to(torch.float32) @ lora_a.to(torch.float32)
-    if delta.shape != weight.shape:
-        raise ExportError(
-            f"adapter shape {tuple(delta.shape)} does not fit base weight {tuple(weight.shape)}"
-        )
-    return (weight.to(torch.float32) + scale * delta).to(weight.dtype)
+    """``W + scale * (B @ A)`` in float32, stored in ``W``'s dtype; in row blocks to bound temporaries."""
+    if (lora_b.shape[0], lora_a.shape[1]) != tuple(weight.shape):
+        shape = (lora_b.shape[0], lora_a.shape[1])
+        raise ExportError(f"adapter shape {shape} does not fit base weight {tuple(weight.shape)}")
+    merged = torch.empty_like(weight)
+    lora_a = lora_a.to(torch.float32)
+    rows = max(1, _MERGE_BLOCK_ELEMENTS // max(weight.shape[1], 1))
+    for start in range(0, weight.shape[0], rows):
+        block = weight[start : start + rows].to(torch.float32)
+        block.addmm_(lora_b[start : start + rows].to(torch.float32), lora_a, alpha=scale)
+        merged[start : start + rows] = block
+    return merged
 
 
-class _ShardWriter:
-    """Collects tensors and writes a safetensors shard each time ``max_bytes`` would be exceeded."""
-
-    def __init__(self, out: Path, max_bytes: int) -> None:
-        self.out, self.max_bytes = out, max_bytes
-        self.buffer: dict[str, torch.Tensor] = {}
-        self.size = 0
-        self.parts: list[tuple[Path, list[str]]] = []
-        self.total = 0
-
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        nbytes = tensor.numel() * tensor.element_size()
-        if self.buffer and self.size + nbytes > self.max_bytes:
-            self.flush()
-        self.buffer[name] = tensor.contiguous()
-        self.size += nbytes
-        self.total += nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        path = self.out / f".part-{len(self.parts):05d}.safetensors"
-        save_file(self.buffer, str(path), metadata={"format": "pt"})
-        self.parts.append((path, list(self.buffer)))
-        self.buffer, self.size = {}, 0
-
-    def close(self) -> MergeReport:
-        if self.buffer or not self.parts:
-            self.flush()
-        count = len(self.parts)
-        names = (
-            ["model.safetensors"]
-            if count == 1
-            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-        )
-        weight_map = {}
-        for (path, tensors), name in zip(self.parts, names):
-            os.replace(path, self.out / name)
-            weight_map.update(dict.fromkeys(tensors, name))
-        if count > 1:
-            index = {"metadata": {"total_size": self.total}, "weight_map": dict(sorted(weight_map.items()))}
-            (self.out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
-        return MergeReport(files=names, merged=0, tensors=len(weight_map), total_bytes=self.total)
-
-    def abort(self) -> None:
-        for path, _ in self.parts:
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+_MERGE_BLOCK_ELEMENTS = 16 * 2**20
+"""float32 elements per row block of a merge (64 MiB of temporaries)."""
 
 
 @dataclass
