@@ -106,7 +106,8 @@ def _supports_managed_memory(index: int) -> bool:
     """``cudaDevAttrManagedMemory`` of a device; True when the runtime cannot be asked."""
     import ctypes
 
-    for name in ("libcudart.so", "libcudart.so.13", "libcudart.so.12", "libcudart.so.11.0"):
+    major = (torch.version.cuda or "").split(".")[0]
+    for name in (f"libcudart.so.{major}", "libcudart.so"):  # torch's runtime, already loaded
         try:
             runtime = ctypes.CDLL(name)
         except OSError:
