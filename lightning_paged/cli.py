@@ -54,8 +54,7 @@ class PagedCLI(LightningCLI):
         _check_strategy_name(config.get("trainer", {}).get("strategy"))
         _check_optimizer_name(config.get("model"))
 
-    @override
-    def after_fit(self) -> None:
+    def after_fit(self) -> None:  # LightningCLI calls after_<subcommand> when present
         _print_run_summary(self.trainer)
 
 
@@ -78,11 +77,10 @@ def _check_strategy_name(strategy: Any) -> None:
 def _check_optimizer_name(model: Any) -> None:
     from lightning_paged.core.optimizers import OPTIMIZERS
 
-    init_args = getattr(model, "init_args", None) or (
-        model.get("init_args") if isinstance(model, dict) else None
-    )
-    optimizer = (init_args or {}).get("optimizer") if hasattr(init_args or {}, "get") else None
-    name = optimizer.get("name") if hasattr(optimizer, "get") else getattr(optimizer, "name", None)
+    def field(node: Any, key: str) -> Any:
+        return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
+
+    name = field(field(field(model, "init_args"), "optimizer"), "name")
     if not isinstance(name, str) or name in OPTIMIZERS or "." in name:
         return
     raise SettingError(
