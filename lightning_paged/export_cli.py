@@ -130,20 +130,28 @@ class ExportResult:
 
     out: Path
     checkpoint: Path
-    base: str
+    base_dir: Path | None
+    """The base model directory; None when the run built its base from its config."""
+    config: Path
     merge: MergeReport | None = None
     comparison: LogitComparison | None = None
 
     def summary(self) -> str:
+        base = str(self.base_dir) if self.base_dir else f"the model built from {self.config}"
         if self.merge is None:
-            return (
-                f"Wrote the PEFT adapter of {self.checkpoint} to {self.out}.\n"
-                f"Load it with: PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(<base>), "
-                f"'{self.out}')  (base: {self.base})"
+            load = (
+                f"AutoModelForCausalLM.from_pretrained('{self.base_dir}')"
+                if self.base_dir
+                else "<the model built from the run's config>"
             )
+            return (
+                f"Wrote the PEFT adapter of {self.checkpoint} to {self.out} (base: {base}).\n"
+                f"Load it with: PeftModel.from_pretrained({load}, '{self.out}')"
+            )
+        files = len(self.merge.files)
         lines = [
-            f"Merged the adapter of {self.checkpoint} onto the 16-bit weights of {self.base}: "
-            f"{self.merge.merged} layers, {len(self.merge.files)} weight file(s) in {self.out}."
+            f"Merged the adapter of {self.checkpoint} into {self.merge.merged} layers of the 16-bit weights of "
+            f"{base}: {files} weight file{'s' if files > 1 else ''} in {self.out}."
         ]
         if self.comparison is not None:
             lines.append(f"Against the 4-bit + adapter model: {self.comparison.summary()}.")
@@ -203,7 +211,7 @@ def export_run(
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     staging.chmod(0o777 & ~_umask())
     try:
-        result = ExportResult(out=out, checkpoint=checkpoint_path, base=str(base_dir or saved.base.source))
+        result = ExportResult(out=out, checkpoint=checkpoint_path, base_dir=base_dir, config=config_path)
         if not merge:
             base_name = str(base_dir) if base_dir else None
             save_adapter(adapter, staging, base_name, task_type=meta.get("task_type"))
