@@ -36,15 +36,16 @@ class ResumeTracker:
     """The resume state of one strategy; ``begin`` at every ``setup``."""
 
     def __init__(self) -> None:
+        self._quiet: Any = None
         self.begin(None)
 
     def begin(self, trainer: Any) -> None:
         """Forget the loaders and pending state of an earlier ``fit``."""
+        self._end_quiet()
         self.trainer = trainer
         self.loaders: list[Any] = []
         self.position: tuple[int, int] | None = None
         self.rng: dict[str, Any] | None = None
-        self._quiet: Any = None
 
     def state(self) -> dict[str, Any] | None:
         """What a checkpoint saved now must hold to resume exactly (every rank must call this)."""
@@ -105,6 +106,9 @@ class ResumeTracker:
         if self.rng is not None:
             restore_rng_state(self.rng)
             self.rng = None
+        self._end_quiet()
+
+    def _end_quiet(self) -> None:
         if self._quiet is not None:
             self._quiet.__exit__(None, None, None)
             self._quiet = None
