@@ -18,7 +18,7 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
-from lightning_paged.core.export import compare_logits
+from lightning_paged.core.export import adapter_from_model, compare_logits
 from lightning_paged.export_cli import main
 from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 
@@ -148,6 +148,9 @@ def test_adapter_loads_in_peft_onto_4bit_base_with_the_trained_logits(run, base_
     # Key names exactly as PEFT itself saves an adapter with this config.
     with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
         ours = set(f.keys())
+        from_module = adapter_from_model(trained.model)  # the same adapter, taken from the trained module
+        assert set(from_module.weights) == ours
+        assert all(torch.equal(from_module.weights[k], f.get_tensor(k)) for k in ours)
     reference = get_peft_model(
         LlamaForCausalLM(LlamaConfig(**model_config())), LoraConfig(**_init_args(config))
     )
