@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_paged.core.adapters import load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.paging import ManagedMemory
@@ -44,7 +45,6 @@ from lightning_paged.fabric import (
     build_paged_optimizer,
     convert_model,
     is_qlora,
-    load_adapter_state_dict,
     optimizer_config,
     qlora_config,
 )

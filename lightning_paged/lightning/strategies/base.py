@@ -18,9 +18,9 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.core.adapters import load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import (
-    CheckpointMismatchError,
     Fingerprint,
     describe_differences,
     fingerprint,
@@ -152,33 +152,7 @@ class QLoRAStrategyMixin:
             return
         saved = checkpoint.get(CHECKPOINT_KEY)
         self._check_fingerprint(saved)
-        state = checkpoint["state_dict"]
-        known = {n for n, _ in module.named_parameters()} | {n for n, _ in module.named_buffers()}
-        foreign = sorted(k for k in state if k not in known and ".weight." not in k)
-        missing = sorted(self._trainable_keys - set(state))
-        if foreign or (strict and missing):
-            problems = []
-            if missing:
-                problems.append(f"lacks {len(missing)} adapter weights of this model (first: {missing[0]})")
-            if foreign:
-                problems.append(
-                    f"holds {len(foreign)} weights this model does not have (first: {foreign[0]})"
-                )
-            raise CheckpointMismatchError(
-                "The checkpoint does not fit this model: it "
-                + " and ".join(problems)
-                + ". It was written for another model or with other LoRA settings "
-                "(lora_r, target_modules, skip_modules); resume with the settings of the run that wrote it."
-            )
-        adapters = {k: v for k, v in state.items() if k in self._trainable_keys}
-        own = dict(module.named_parameters())
-        for key, value in adapters.items():
-            if own[key].shape != value.shape:
-                raise CheckpointMismatchError(
-                    f"The checkpoint's {key} has shape {tuple(value.shape)}, this model's "
-                    f"{tuple(own[key].shape)}: it was written with another lora_r or model size."
-                )
-        module.load_state_dict(adapters, strict=False)
+        load_adapter_state_dict(module, checkpoint["state_dict"], strict=strict)
         if saved is not None:
             self._resume.restore(saved.get("resume"), self.global_rank, self.world_size)  # type: ignore[attr-defined]
 

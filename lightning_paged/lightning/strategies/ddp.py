@@ -7,11 +7,11 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.distributed as dist
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
+from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.qlora import QLoRAConfig, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
@@ -95,18 +95,9 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
         module = self.lightning_module
         assert module is not None
         if self._converted is not module:
-            self._take_rank_zero_weights(select_target(module, self.model_attr))
+            broadcast_from_rank_zero(select_target(module, self.model_attr), self.root_device)
         self._convert(module, self.root_device)
         super().setup(trainer)
-
-    def _take_rank_zero_weights(self, module: torch.nn.Module) -> None:
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-            return
-        for tensor in [*module.parameters(), *module.buffers()]:
-            staged = tensor.data.to(self.root_device)
-            dist.broadcast(staged, src=0)
-            if staged.data_ptr() != tensor.data.data_ptr():
-                tensor.data.copy_(staged)
 
     @classmethod
     @override
