@@ -1,16 +1,49 @@
 """lightning_paged: NF4 QLoRA, paged optimizers and unified-memory eviction monitoring for Lightning."""
 
+from lightning_paged.core.atomic import CheckpointReadError
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.eviction.recorder import EvictionRecorder
+from lightning_paged.core.export import adapter_from_model, merge_adapter, save_adapter
+from lightning_paged.core.fingerprint import CheckpointMismatchError
+from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to_qlora
+from lightning_paged.core.sampling import ResumableSampler
+from lightning_paged.core.tokenizer import ByteTokenizer, load_tokenizer
+from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.data import InstructionDataModule
+from lightning_paged.lightning.mixin import PagedOptimizerMixin
+from lightning_paged.lightning.module import CausalLMModule
+from lightning_paged.lightning.monitor import EvictionMonitor
 from lightning_paged.lightning.strategies import PagedQLoRADDPStrategy, PagedQLoRAStrategy
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AtomicCheckpointIO",
+    "ByteTokenizer",
+    "CausalLMModule",
+    "CheckpointMismatchError",
+    "CheckpointReadError",
     "ConversionReport",
+    "EvictionMonitor",
+    "EvictionRecorder",
+    "InstructionDataModule",
+    "OptimizerConfig",
+    "PagedOptimizerMixin",
     "PagedQLoRADDPStrategy",
     "PagedQLoRAStrategy",
+    "PagingCoverage",
     "QLoRAConfig",
+    "ResumableSampler",
     "SettingError",
+    "adapter_from_model",
+    "build_optimizer",
+    "build_scheduler",
     "convert_to_qlora",
+    "load_tokenizer",
+    "merge_adapter",
+    "paging_coverage",
+    "repage_optimizer_state",
+    "save_adapter",
 ]

@@ -124,6 +124,22 @@ def _write_report(log_path: str | Path, out: Path) -> str:
     return str(out)
 
 
+def _located(err: SettingError) -> SettingError:
+    """Put the config section in front of a module's or datamodule's own setting name."""
+    if err.where:
+        return err
+    from inspect import signature
+
+    from lightning_paged.lightning.data import InstructionDataModule
+    from lightning_paged.lightning.module import CausalLMModule
+
+    root = err.setting.split(".")[0]
+    for section, cls in (("data", InstructionDataModule), ("model", CausalLMModule)):
+        if root in signature(cls.__init__).parameters:
+            return err.located(f"{section}.init_args.")
+    return err
+
+
 def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
     from jsonargparse import set_parsing_settings
@@ -161,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         # From the console LightningCLI reads sys.argv itself (and warns when handed it as args).
         cli_main(None if from_console else argv)
     except SettingError as err:
-        print(f"lightning-paged: error: {err}", file=sys.stderr)
+        print(f"lightning-paged: error: {_located(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -101,7 +101,9 @@ def test_main_example_end_to_end(tmp_path):
     assert len(events) == 30 and all(json.loads(line)["seq_len"] > 0 for line in events)
     assert list((run_dir / "ckpt").glob("*.ckpt"))
     # a re-run overwrites the saved config instead of refusing
-    again = run_cli(tmp_path, *short_run_args(run_dir, steps=2))
+    again = run_cli(
+        tmp_path, *short_run_args(run_dir, steps=2), "--model.init_args.optimizer.warmup_steps", "0"
+    )
     assert again.returncode == 0, again.stderr[-4000:]
 
 

@@ -104,7 +104,7 @@ def test_learns_and_the_sample_uses_the_data_prompt_format(tmp_path):
         sample_prompt="Say hi",
         sample_max_new_tokens=8,
     )
-    t = trainer(max_steps=80, val_check_interval=40, check_val_every_n_epoch=None, limit_val_batches=1)
+    t = trainer(max_steps=120, val_check_interval=60, check_val_every_n_epoch=None, limit_val_batches=1)
     t.fit(module, dm)
     assert t.callback_metrics["train/loss"].item() < 0.5
     assert module.last_sample == "world"

@@ -22,10 +22,11 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch.utils.data import BatchSampler, DataLoader, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, DataLoader, Sampler
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 
 IGNORE_INDEX = -100
@@ -252,13 +253,17 @@ class InstructionDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         assert self.train_data is not None, "call setup('fit') first"
+        # A seeded, epoch-aware order whose position checkpoints save, so a resume continues mid-epoch.
+        sampler = ResumableSampler(self.train_data, seed=self.seed)
+        # Loader workers' seeds come from this generator, not from the global RNG.
         generator = torch.Generator().manual_seed(self.seed)
-        sampler = RandomSampler(self.train_data, generator=generator)  # type: ignore[arg-type]
         if not self.group_by_length:
-            return self._loader(self.train_data, batch_size=self.batch_size, sampler=sampler)
+            return self._loader(
+                self.train_data, batch_size=self.batch_size, sampler=sampler, generator=generator
+            )
         lengths = [len(s["input_ids"]) for s in self.train_data]
         batches = LengthGroupedBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
-        return self._loader(self.train_data, batch_sampler=batches)
+        return self._loader(self.train_data, batch_sampler=batches, generator=generator)
 
     @override
     def val_dataloader(self) -> DataLoader | list:

@@ -41,7 +41,7 @@ class PagedOptimizerMixin(LightningModule):
 
     The optimizer sees trainable (``requires_grad``) parameters only, with no weight decay on
     biases and norm weights; the scheduler steps once per optimizer step. Hooks used (call
-    ``super()`` if you override them): ``on_train_start`` puts optimizer state back into paged
+    ``super()`` if you override them): the first ``on_train_batch_start`` puts optimizer state back into paged
     memory after a checkpoint load; ``on_train_batch_end`` reports paging coverage once, after the
     first optimizer step of each ``fit``, as an INFO line on rank zero and as logged metrics:
 
@@ -108,12 +108,22 @@ class PagedOptimizerMixin(LightningModule):
     @override
     def on_train_start(self) -> None:
         super().on_train_start()
-        repaged = sum(repage_optimizer_state(opt) for opt in self._bnb_optimizers())
-        if repaged:
-            rank_zero_info(
-                f"paging: {repaged} optimizer state tensors back in paged memory after the checkpoint load"
-            )
+        self._repage_pending = True
         self._paging_report_after = self.trainer.global_step
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        # At the first batch of a fit every checkpoint restore has happened (with max_epochs and a
+        # schedule, Lightning may restore after on_train_start), so re-paging here sees the loaded state.
+        result = super().on_train_batch_start(batch, batch_idx)
+        if getattr(self, "_repage_pending", False):
+            self._repage_pending = False
+            repaged = sum(repage_optimizer_state(opt) for opt in self._bnb_optimizers())
+            if repaged:
+                rank_zero_info(
+                    f"paging: {repaged} optimizer state tensors back in paged memory after the checkpoint load"
+                )
+        return result
 
     @override
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:

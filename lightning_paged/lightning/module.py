@@ -116,9 +116,10 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
             )
         from transformers import AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             str(path), dtype=torch.bfloat16, low_cpu_mem_usage=True, local_files_only=True
         )
+        return model.train()  # from_pretrained returns eval mode; Lightning would keep dropout off
 
     def _check_vocab(self, rows: int, setting: str, value: object) -> None:
         if rows < len(self.tokenizer):
