@@ -386,3 +386,17 @@ def pair_rows(c: dict[str, Any], variant: str, baseline: str) -> list[list[str]]
         ]
     )
     return rows
+
+
+def spread_note(c: dict[str, Any], variant: str, baseline: str) -> str:
+    """One sentence on how far the same work varied from process to process."""
+    key = "cpu_step_time_s" if "cpu_step_time_s" in c else "step_time_s"
+    kind = "CPU" if key.startswith("cpu") else "wall"
+    parts = [
+        f"{c[key][v]['min'] * 1e3:.0f}-{c[key][v]['max'] * 1e3:.0f} ms ({v})" for v in (variant, baseline)
+    ]
+    widest = max((c[key][v]["max"] / c[key][v]["min"] - 1) for v in (variant, baseline))
+    return (
+        f"Median {kind} step time per run ranged {parts[0]} and {parts[1]}: the same work varies by up to "
+        f"{100 * widest:.0f}% from one process to the next here."
+    )

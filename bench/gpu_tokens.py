@@ -325,7 +325,7 @@ def budget_worker(workload: Workload, budget: int, warm_len: int) -> dict[str, A
 
     batches = make_batches(replace(workload, seq_len=warm_len, steps=1)) + make_batches(workload)
     ballast = _ballast_callback(budget)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as tmp:
         log = Path(tmp) / "eviction.jsonl"
         monitor = EvictionMonitor(source="auto", log_path=str(log), log_metrics=False)
         try:
@@ -354,7 +354,7 @@ def worker(args: argparse.Namespace) -> None:
         if args.worker == "lightning_paged":
             result = run_lightning_paged(workload, args.source)
         else:
-            with tempfile.TemporaryDirectory() as output_dir:
+            with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as output_dir:
                 result = run_transformers_trainer(workload, args.source, Path(output_dir))
     except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
         if not is_out_of_memory(err):
@@ -469,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
         "plan": the_plan,
     }
     if "throughput" in the_plan["parts"]:
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as tmp:
             source = Path(tmp) / "model"
             save_source(model, source)
             summary, raw = run_throughput(args, model, the_plan["throughput"]["seq_lens"], source)

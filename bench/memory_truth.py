@@ -312,16 +312,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", type=Path, help="where the JSON and Markdown go (default bench/results)")
     args = parser.parse_args(argv)
     set_threads(args.threads)
+    machine = machine_info(args.threads)
 
     models = QUICK_MODELS if args.quick else FULL_MODELS
     weights = {name: [weight_truth(w, True), weight_truth(w, False)] for name, w in models.items()}
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as tmp:
         checkpoint = checkpoint_truth(models[CHECKPOINT_MODEL["quick" if args.quick else "full"]], Path(tmp))
     rep = {
         "what": "bytes of NF4 weights vs theory; adapter-only checkpoint vs LoRA + optimizer state and vs "
         "Lightning's default full checkpoint",
         "command": "python bench/memory_truth.py" + (" --quick" if args.quick else ""),
-        "machine": machine_info(args.threads),
+        "machine": machine,
         "settings": {"blocksize": BLOCKSIZE, "nested_blocksize": NESTED_BLOCKSIZE, "models": list(models)},
         "weights": weights,
         "checkpoint": checkpoint,

@@ -15,7 +15,7 @@ worker then also trains a model with almost no compute (``MICRO``) both ways: th
 their CPU time per step is the loop's own cost, measured directly, and projected onto the full
 model's step time.
 
-    python bench/strategy_overhead.py            # 23M-parameter Llama, 5 rounds: about 5 minutes on CPU
+    python bench/strategy_overhead.py            # 23M-parameter Llama, 8 rounds: 5-10 minutes on CPU
     python bench/strategy_overhead.py --quick    # smoke test: a tiny model, one round
 
 Goal: step-time ratio (lightning_paged / hand-written) at most 1.02.
@@ -42,6 +42,7 @@ from common import (
     run_step_median,
     run_worker,
     set_threads,
+    spread_note,
     write_results,
 )
 from workloads import Workload
@@ -119,14 +120,18 @@ def fixed_cost(results: dict[str, list[dict[str, Any]]], comparison: dict[str, A
 
 
 def report(
-    workload: Workload, results: dict[str, list[dict[str, Any]]], rounds: int, threads: int, quick: bool
+    workload: Workload,
+    results: dict[str, list[dict[str, Any]]],
+    rounds: int,
+    machine: dict[str, Any],
+    quick: bool,
 ):
     comparison = compare_runs(results, VARIANT, BASELINE, SKIP_STEPS)
     fixed = fixed_cost(results, comparison)
     return {
         "what": "lightning_paged Trainer.fit vs a hand-written bitsandbytes + PEFT loop, same model/data/seed",
         "command": "python bench/strategy_overhead.py" + (" --quick" if quick else ""),
-        "machine": machine_info(threads),
+        "machine": machine,
         "settings": {
             "workload": workload.__dict__,
             "parameters": workload.parameter_count(),
@@ -167,6 +172,8 @@ def markdown(rep: dict[str, Any]) -> str:
             f"CPU time: {c['cpu_step_time_ratio_per_round']} (goal {cpu_verdict}). "
             f"Largest loss difference between the two: {c['loss_max_abs_difference']:.2e}.",
             "",
+            spread_note(c, VARIANT, BASELINE),
+            "",
             f"Measured directly (a model with almost no compute, same processes): Lightning's loop and the "
             f"strategy add {f['extra_cpu_s_per_step'] * 1e3:.2f} ms of CPU time per step "
             f"({f['micro_cpu_step_s'][VARIANT] * 1e3:.2f} ms against {f['micro_cpu_step_s'][BASELINE] * 1e3:.2f} ms), "
@@ -179,7 +186,7 @@ def markdown(rep: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, one round")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 5, 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 8, 1 with --quick)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and Markdown go (default bench/results)")
@@ -191,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     workload = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
-    rounds = args.rounds or (1 if args.quick else 5)
+    rounds = args.rounds or (1 if args.quick else 8)
     print(
         f"{NAME}: {workload.parameter_count() / 1e6:.1f}M parameters, {rounds} rounds, {args.threads} threads"
     )
@@ -199,8 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     def run(variant: str, _round: int) -> dict[str, Any]:
         return run_worker(SCRIPT, [variant, "--workload", workload.to_json()], args.threads)
 
+    machine = machine_info(args.threads)  # before the runs: the load they started under
     results = interleaved([VARIANT, BASELINE], rounds, run)
-    rep = report(workload, results, rounds, args.threads, args.quick)
+    rep = report(workload, results, rounds, machine, args.quick)
     write_results(NAME, rep, markdown(rep), args.quick, args.out_dir)
     return 0
 

@@ -11,7 +11,7 @@ Every run is a fresh Python process with the same number of threads (one by defa
 ``strategy_overhead.py``); runs are interleaved and compared by medians. Besides the step-time and
 peak-memory ratios, the result holds both loss curves side by side and their largest difference.
 
-    python bench/vs_transformers_trainer.py            # 23M-parameter Llama, 4 rounds: about 5 minutes
+    python bench/vs_transformers_trainer.py            # 23M-parameter Llama, 6 rounds: 5-10 minutes
     python bench/vs_transformers_trainer.py --quick    # smoke test: a tiny model, one round
 """
 
@@ -37,6 +37,7 @@ from common import (
     result_paths,
     run_worker,
     set_threads,
+    spread_note,
     write_results,
 )
 from workloads import Workload
@@ -70,7 +71,7 @@ def worker(variant: str, workload: Workload, source: Path, threads: int) -> None
     if variant == VARIANT:
         emit_result(run_lightning_paged(workload, source))
         return
-    with tempfile.TemporaryDirectory() as output_dir:
+    with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as output_dir:
         emit_result(run_transformers_trainer(workload, source, Path(output_dir)))
 
 
@@ -82,14 +83,18 @@ def loss_table(ours: list[float], theirs: list[float]) -> list[dict[str, float]]
 
 
 def report(
-    workload: Workload, results: dict[str, list[dict[str, Any]]], rounds: int, threads: int, quick: bool
+    workload: Workload,
+    results: dict[str, list[dict[str, Any]]],
+    rounds: int,
+    machine: dict[str, Any],
+    quick: bool,
 ):
     comparison = compare_runs(results, VARIANT, BASELINE, SKIP_STEPS)
     curves = loss_table(results[VARIANT][0]["losses"], results[BASELINE][0]["losses"])
     return {
         "what": "lightning_paged Trainer.fit vs transformers Trainer + PEFT QLoRA (paged_adamw_8bit), same model/data/seed",
         "command": "python bench/vs_transformers_trainer.py" + (" --quick" if quick else ""),
-        "machine": machine_info(threads),
+        "machine": machine,
         "settings": {
             "workload": workload.__dict__,
             "parameters": workload.parameter_count(),
@@ -127,7 +132,7 @@ def markdown(rep: dict[str, Any], plot: Path | None) -> str:
         markdown_table(["", "lightning_paged", "transformers Trainer", "ratio"], rows),
         "",
         f"Step-time ratio per round, wall: {c['step_time_ratio_per_round']}; "
-        f"CPU time: {c['cpu_step_time_ratio_per_round']}.",
+        f"CPU time: {c['cpu_step_time_ratio_per_round']}. " + spread_note(c, VARIANT, BASELINE),
         "",
         f"Loss curves (first round; largest difference {c['loss_max_abs_difference']:.2e} over all rounds):",
         "",
@@ -175,7 +180,7 @@ def save_source(workload: Workload, directory: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny model, one round")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 4, 1 with --quick)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default 6, 1 with --quick)")
     parser.add_argument("--steps", type=int, help="optimizer steps per run")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in every run (default 1)")
     parser.add_argument(
@@ -190,11 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     workload = replace(QUICK if args.quick else FULL, **({"steps": args.steps} if args.steps else {}))
-    rounds = args.rounds or (1 if args.quick else 4)
+    rounds = args.rounds or (1 if args.quick else 6)
     print(
         f"{NAME}: {workload.parameter_count() / 1e6:.1f}M parameters, {rounds} rounds, {args.threads} threads"
     )
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(prefix="lightning-paged-bench-") as tmp:
         source = Path(tmp) / "model"
         save_source(workload, source)
 
@@ -202,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
             worker_args = [variant, "--workload", workload.to_json(), "--source", str(source)]
             return run_worker(SCRIPT, worker_args, args.threads)
 
+        machine = machine_info(args.threads)  # before the runs: the load they started under
         results = interleaved([VARIANT, BASELINE], rounds, run)
-    rep = report(workload, results, rounds, args.threads, args.quick)
+    rep = report(workload, results, rounds, machine, args.quick)
     json_path, _ = result_paths(NAME, args.quick, args.out_dir)
     plot = plot_losses(rep, json_path.with_name(json_path.stem + "_losses.png"))
     rep["plot"] = plot.name if plot else None
