@@ -29,6 +29,7 @@ model that state is about 25 MB, so expect a small gain; raise ``--lora-r`` to s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -392,21 +393,27 @@ def run_budget(args: argparse.Namespace, model: Workload) -> dict[str, Any]:
     budget = int(args.budget_gib * GIB)
     out: dict[str, Any] = {"budget_bytes": budget, "optimizers": {}}
     runs: dict[tuple[str, int], dict[str, Any]] = {}
+
+    def fits(optimizer: str, seq_len: int) -> bool:
+        workload = budget_workload(model, optimizer, seq_len, args.budget_steps)
+        extra = ["--budget-gib", str(args.budget_gib), "--seq-step", str(args.seq_step)]
+        result = run_worker(SCRIPT, ["budget", "--workload", workload.to_json(), *extra], args.threads)
+        runs[(optimizer, seq_len)] = result
+        print(f"budget {optimizer} seq {seq_len}: {'trains' if result['fits'] else 'out of memory'}")
+        return bool(result["fits"])
+
     for optimizer in OPTIMIZERS:
-
-        def fits(seq_len: int, optimizer: str = optimizer) -> bool:
-            workload = budget_workload(model, optimizer, seq_len, args.budget_steps)
-            extra = ["--budget-gib", str(args.budget_gib), "--seq-step", str(args.seq_step)]
-            result = run_worker(SCRIPT, ["budget", "--workload", workload.to_json(), *extra], args.threads)
-            runs[(optimizer, seq_len)] = result
-            print(f"budget {optimizer} seq {seq_len}: {'trains' if result['fits'] else 'out of memory'}")
-            return bool(result["fits"])
-
-        longest, probes = longest_fitting(fits, args.seq_step, args.max_seq, args.seq_step)
+        longest, probes = longest_fitting(
+            functools.partial(fits, optimizer), args.seq_step, args.max_seq, args.seq_step
+        )
         out["optimizers"][optimizer] = {"longest_seq_len": longest, "probes": probes}
     lengths = [e["longest_seq_len"] for e in out["optimizers"].values()]
     common = min(lengths) if all(lengths) else None
     out["common_seq_len"] = common
+    if common:
+        for optimizer in OPTIMIZERS:  # the search may not have tried the common length with both
+            if (optimizer, common) not in runs:
+                fits(optimizer, common)
     for optimizer, entry in out["optimizers"].items():
         run = runs.get((optimizer, common)) if common else None
         entry["tokens_per_s_at_common"] = (

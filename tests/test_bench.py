@@ -183,7 +183,7 @@ def test_tokens_per_second_and_throughput_summary():
 
 def test_budget_search_through_the_worker_seam(monkeypatch):
     """run_budget's search, common length and paging cost, with the GPU worker replaced by a fake device."""
-    limits = {"paged_adamw_8bit": 3000, "adamw_8bit": 2500}
+    limits = {"paged_adamw_8bit": 3500, "adamw_8bit": 1000}
     calls = []
 
     def fake_worker(script, args, threads):
@@ -199,17 +199,19 @@ def test_budget_search_through_the_worker_seam(monkeypatch):
     args = argparse.Namespace(budget_gib=2.0, seq_step=256, max_seq=4096, budget_steps=4, threads=1)
     model = gpu_tokens.QUICK_MODEL
     out = gpu_tokens.run_budget(args, model)
-    assert out["optimizers"]["paged_adamw_8bit"]["longest_seq_len"] == 2816
-    assert out["optimizers"]["adamw_8bit"]["longest_seq_len"] == 2304
-    assert out["common_seq_len"] == 2304 and out["extra_tokens"] == 512
+    assert out["optimizers"]["paged_adamw_8bit"]["longest_seq_len"] == 3328
+    assert out["optimizers"]["adamw_8bit"]["longest_seq_len"] == 768
+    assert out["common_seq_len"] == 768 and out["extra_tokens"] == 2560
+    # The paged search never tried 768 tokens: it is probed afterwards, so both speeds compare there.
+    searched = [n for n, _ in out["optimizers"]["paged_adamw_8bit"]["probes"]]
+    assert 768 not in searched and ("paged_adamw_8bit", 768) in calls
     assert out["paging_cost"] == pytest.approx(1 - 1 / 1.1)
-    assert {o for o, _ in calls} == set(limits)
     rep = {
         "machine": {"device": "fake"},
         "plan": {"parameters": 1, "model": {"lora_r": 16, "batch_size": 1}},
         "budget": out,
     }
-    assert "Paging costs 9.091% of tokens/s and buys 512 tokens" in gpu_tokens.markdown(rep)
+    assert "Paging costs 9.091% of tokens/s and buys 2560 tokens" in gpu_tokens.markdown(rep)
 
 
 def test_gpu_script_plans_and_refuses_without_a_gpu(capsys):
