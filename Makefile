@@ -48,5 +48,12 @@ pytest: setup
 
 test: lint typecheck docs pytest
 
+bench: setup
+	$(BIN)/python bench/strategy_overhead.py
+	$(BIN)/python bench/vs_transformers_trainer.py
+	$(BIN)/python bench/memory_truth.py
+	$(BIN)/python bench/monitor_overhead.py
+	$(BIN)/python bench/paging_coverage.py
+
 clean:
 	rm -rf $(VENV) build site .pytest_cache .mypy_cache .ruff_cache
