@@ -162,7 +162,7 @@ def tensors_fingerprint(model: nn.Module) -> BaseFingerprint:
         digest.update(f"{name}\0{tensor.dtype}\0{tuple(tensor.shape)}\n".encode())
         if tensor.device.type != "meta":
             data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-            digest.update(memoryview(data.numpy()))  # no copy of the bytes
+            digest.update(data.numpy().data)  # the buffer itself: no copy of the bytes
         count += 1
     return BaseFingerprint(
         kind="tensors", sha256=digest.hexdigest(), source=f"{type(model).__name__}, {count} tensors"
