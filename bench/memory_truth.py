@@ -21,13 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import REPO, fmt_bytes, machine_info, markdown_table, set_threads, write_results
-from workloads import Workload, build_model, make_batches
+from workloads import TINY, Workload, build_model, make_batches
 
 sys.path.insert(0, str(REPO))
 
@@ -39,17 +40,7 @@ NESTED_BLOCKSIZE = 256
 CHECKPOINT_STEPS = 2
 
 QUICK_MODELS = {
-    "tiny": Workload(
-        hidden_size=64,
-        intermediate_size=128,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        vocab_size=256,
-        batch_size=2,
-        seq_len=16,
-        steps=CHECKPOINT_STEPS,
-    )
+    "tiny": replace(TINY, seq_len=16, steps=CHECKPOINT_STEPS),
 }
 FULL_MODELS = {
     "23M": Workload(num_layers=5, batch_size=2, seq_len=32, steps=CHECKPOINT_STEPS),

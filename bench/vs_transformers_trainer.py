@@ -40,7 +40,7 @@ from common import (
     spread_note,
     write_results,
 )
-from workloads import Workload
+from workloads import TINY, Workload
 
 NAME = "vs_transformers_trainer"
 SCRIPT = Path(__file__).resolve()
@@ -48,17 +48,7 @@ VARIANT, BASELINE = "lightning_paged", "transformers_trainer"
 SKIP_STEPS = 3
 """Warm-up steps left out of each run's median step time."""
 
-QUICK = Workload(
-    hidden_size=64,
-    intermediate_size=128,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    vocab_size=256,
-    batch_size=2,
-    seq_len=32,
-    steps=8,
-)
+QUICK = TINY
 FULL = Workload(num_layers=5, batch_size=2, seq_len=64, steps=24)
 """23M parameters (hidden 512, 5 blocks, vocabulary 8192); batch 2 x 64 tokens, 24 steps per run."""
 

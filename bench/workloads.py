@@ -95,6 +95,20 @@ class Workload:
         return self.batch_size * self.seq_len
 
 
+TINY = Workload(
+    hidden_size=64,
+    intermediate_size=128,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    vocab_size=256,
+    batch_size=2,
+    seq_len=32,
+    steps=8,
+)
+"""The smallest workload: every script's --quick setting (smoke tests), resized with ``dataclasses.replace``."""
+
+
 def preload(variant: str) -> None:
     """Import what a run needs before its memory window opens, so imports count in no run's set-up."""
     import bitsandbytes  # noqa: F401
