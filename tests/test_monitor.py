@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -193,20 +196,17 @@ def test_monitor_is_configurable_as_a_cli_callback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ddp_ranks_record_their_own_files_and_rank_zero_writes_the_summary(tmp_path):
-    monitor = EvictionMonitor(source="none")
-    trainer = pl.Trainer(
-        accelerator="cpu",
-        devices=2,
-        strategy="ddp_spawn",
-        max_epochs=1,
-        logger=False,
-        callbacks=[monitor],
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=tmp_path,
+    script = Path(__file__).with_name("monitor_ddp_train.py")
+    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
+    run = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
-    trainer.fit(TinyLM(), train_dataloaders=DataLoader(batches(LENGTHS), batch_size=None))
+    assert run.returncode == 0, run.stderr[-3000:]
     rank0 = read_jsonl(tmp_path / "eviction_events.rank0.jsonl").records
     rank1 = read_jsonl(tmp_path / "eviction_events.rank1.jsonl").records
     assert {r["rank"] for r in rank0} == {0} and {r["rank"] for r in rank1} == {1}
