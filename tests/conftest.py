@@ -37,6 +37,23 @@ def tiny_llama_config(**overrides):
     return LlamaConfig(**settings)
 
 
+def quiet_trainer(**overrides):
+    """A CPU Trainer without logger, checkpoints, progress bar or sanity validation; ``overrides`` win."""
+    import lightning.pytorch as pl
+
+    settings = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+    )
+    settings.update(overrides)
+    return pl.Trainer(**settings)
+
+
 @pytest.fixture
 def tiny_llama():
     from transformers import LlamaForCausalLM

@@ -8,7 +8,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import quiet_trainer, tiny_llama_config
 from transformers import LlamaForCausalLM
 
 from lightning_paged.core.errors import SettingError
@@ -33,17 +33,7 @@ def write_jsonl(path, rows) -> str:
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-    )
-    settings.update(kwargs)
-    return pl.Trainer(**settings)
+    return quiet_trainer(**kwargs)
 
 
 def test_model_from_config_covers_the_byte_tokenizer():

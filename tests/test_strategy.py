@@ -8,7 +8,7 @@ import bitsandbytes as bnb
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import quiet_trainer, tiny_llama_config
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
@@ -62,18 +62,7 @@ class LlamaModule(pl.LightningModule):
 
 
 def trainer(**kwargs) -> pl.Trainer:
-    settings = dict(
-        accelerator="cpu",
-        devices=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
-    settings.update(kwargs)
-    return pl.Trainer(**settings)
+    return quiet_trainer(**{"limit_val_batches": 0, **kwargs})
 
 
 def fit(module, steps: int, strategy, data=None, **kwargs) -> pl.Trainer:
