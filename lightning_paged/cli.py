@@ -146,7 +146,8 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
 
     # Subcommands nest the config under "fit."; this keeps ${vars.x} in a config file pointing at
     # the file's own top level, still resolved after command-line overrides are merged.
-    set_parsing_settings(omegaconf_absolute_to_relative_paths=True)
+    # Attribute docstrings make every settings field (OptimizerConfig, ...) explain itself in --help.
+    set_parsing_settings(omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True)
     return PagedCLI(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,

@@ -48,7 +48,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
                 "llama", "hidden_size": 64, ...}``), for a randomly initialised model. ``vocab_size``
                 defaults to the tokenizer's size. Give this or ``model_name_or_path``, not both.
             tokenizer: ``"byte"`` or a local tokenizer directory: the data's tokenizer, used to decode
-                the generated sample (the CLI links it to ``data.tokenizer``).
+                the generated sample. Give the same value as ``data.tokenizer``.
             optimizer: Optimizer and learning-rate schedule; None takes the defaults.
             sample_prompt: An instruction to answer after each validation, logged on rank zero so you
                 can watch the model learn. Formatted with the data module's prompt template. None: off.
