@@ -36,21 +36,12 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_paged.core.eviction.recorder import EvictionRecorder
-from lightning_paged.core.eviction.sources import MemorySample, open_source
+from lightning_paged.core.eviction.sources import open_source
 from lightning_paged.core.eviction.sources.cupti import cupti_available
+from lightning_paged.testing import FakeProbe
 
 GIB = 1024**3
 RESULTS = Path(__file__).resolve().parent / "results" / "monitor_overhead.json"
-
-
-class FakeProbe:
-    """Constant device memory: the pressure source's arithmetic without a device."""
-
-    def sample(self) -> MemorySample:
-        return MemorySample(8 * GIB, 16 * GIB, 2 * GIB, 0, 0)
-
-    def synchronize(self) -> None:
-        pass
 
 
 def build(device: torch.device, width: int, layers: int) -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -99,7 +90,9 @@ def make_recorder(variant: str, device: torch.device, log: Path) -> EvictionReco
         return None
     quiet = lambda message: None  # noqa: E731
     if variant == "pressure-fake-probe":
-        source = open_source("pressure", "cpu", probe=FakeProbe(), notify=quiet)
+        source = open_source(
+            "pressure", "cpu", probe=FakeProbe(resident=6 * GIB), notify=quiet
+        )  # 8 of 16 GiB free, constant
     else:
         source = open_source(variant, device, notify=quiet)
     return EvictionRecorder(source, log, long_sequence_threshold=96, notify=quiet)

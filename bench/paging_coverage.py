@@ -38,6 +38,7 @@ from torch import nn
 
 from lightning_paged.core.optimizers import OPTIMIZERS, build_optimizer
 from lightning_paged.core.paging import ManagedMemory, PagingPolicy, paging_coverage
+from lightning_paged.testing import HostMemory
 
 VARIANTS = {
     "not_paged": None,
@@ -45,27 +46,6 @@ VARIANTS = {
     "threshold": dict(page_small=True, pooled=False),
     "pool": dict(page_small=True, pooled=True),
 }
-
-
-class HostMemory(ManagedMemory):
-    """Host tensors marked paged, standing in for managed memory on a machine without a GPU."""
-
-    def unavailable_reason(self, device):
-        return None
-
-    def allocate(self, nbytes, device):
-        self.allocations += 1
-        self.allocated_bytes += nbytes
-        buffer = torch.empty(nbytes, dtype=torch.uint8)
-        buffer.is_paged = True
-        buffer.page_deviceid = 0
-        return buffer
-
-    def zero_(self, buffer):
-        buffer.zero_()
-
-    def prefetch(self, tensor):
-        self.prefetches += 1
 
 
 def lora_shapes(layers: int, hidden: int, intermediate: int, rank: int) -> list[tuple[int, int]]:

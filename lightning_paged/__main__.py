@@ -2,6 +2,6 @@
 
 import sys
 
-from lightning_paged.cli import main
+from lightning_paged.commands.main import main
 
 sys.exit(main())

@@ -20,7 +20,7 @@ checkpoints adapter-only::
 
 ``accelerate`` is an optional extra (``pip install lightning-paged[accelerate]``): it is imported
 inside the functions that need it. The optimizer, checkpoint and monitor helpers are the
-framework-free ones :mod:`lightning_paged.fabric` defines for every hand-written loop.
+framework-free ones of :mod:`lightning_paged.core`, which :mod:`lightning_paged.fabric` uses too.
 """
 
 from __future__ import annotations
@@ -37,17 +37,11 @@ from torch.optim import Optimizer
 
 from lightning_paged.core.adapters import load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.eviction.loop import LoopEvictionMonitor
 from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.paged_optimizer import build_paged_optimizer, optimizer_config
 from lightning_paged.core.paging import ManagedMemory
-from lightning_paged.core.qlora import QLoRAConfig
-from lightning_paged.fabric import (
-    LoopEvictionMonitor,
-    build_paged_optimizer,
-    convert_model,
-    is_qlora,
-    optimizer_config,
-    qlora_config,
-)
+from lightning_paged.core.qlora import QLoRAConfig, convert_model, is_qlora, qlora_config
 
 if TYPE_CHECKING:
     from accelerate import Accelerator

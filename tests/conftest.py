@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -60,3 +63,37 @@ def tiny_llama():
 
     torch.manual_seed(0)
     return LlamaForCausalLM(tiny_llama_config())
+
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "scripts"
+
+
+def run_script(name: str, out_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``tests/scripts/<name>`` on this checkout with ``out_dir`` as its argument and working directory."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    run = subprocess.run(
+        [sys.executable, str(SCRIPTS / name), str(out_dir)],
+        env=env,
+        cwd=out_dir,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run
+
+
+def assert_ranks_agree(out_dir: Path) -> dict[str, torch.Tensor]:
+    """The two ranks' ``rank<N>.pt`` of a DDP script: same 4-bit base, same trained adapters; rank 0's LoRA."""
+    ranks = [torch.load(out_dir / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    # every rank quantized rank zero's weights, so the 4-bit data and its constants agree
+    torch.testing.assert_close(ranks[0]["packed"], ranks[1]["packed"], rtol=0, atol=0)
+    torch.testing.assert_close(ranks[0]["absmax"], ranks[1]["absmax"], rtol=0, atol=0)
+    lora0, lora1 = ranks[0]["lora"], ranks[1]["lora"]
+    assert set(lora0) == set(lora1) and lora0
+    for name in lora0:
+        torch.testing.assert_close(lora0[name], lora1[name], rtol=0, atol=0, msg=name)
+    assert any(t.abs().sum() > 0 for n, t in lora0.items() if "lora_B" in n)  # it trained
+    return lora0

@@ -302,7 +302,7 @@ def _lookup(config: dict[str, Any], dotted: str) -> Any:
 
 @pytest.mark.parametrize("args", documented_cli_commands(), ids=" ".join)
 def test_documented_command_runs(args, python_runs, capsys, monkeypatch):
-    from lightning_paged.cli import main
+    from lightning_paged.commands.main import main
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(

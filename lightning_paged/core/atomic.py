@@ -1,16 +1,19 @@
-"""Checkpoint files that are either whole or absent: atomic writes, and reads that say what is wrong.
+"""Files and directories that are either whole or absent: atomic writes, staged directories, clear reads.
 
 A write goes to a temporary file in the target's directory, is flushed to disk (``fsync``) and then
 renamed over the target (``os.replace``, atomic on POSIX and Windows). A crash, a full disk or an
-exception while writing leaves the previous file untouched and no temporary file behind.
+exception while writing leaves the previous file untouched and no temporary file behind. A
+directory is filled under a temporary name beside its target (:func:`staged_directory`) and
+renamed into place when complete.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -77,9 +80,7 @@ def read_checkpoint(
 
 def _default_file_mode() -> int:
     """``0o666`` less the process umask: the mode an ordinary ``open(path, "w")`` would give."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
+    return 0o666 & ~_umask()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -97,3 +98,50 @@ def _fsync_directory(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def staged_directory(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """A fresh directory beside ``out`` to fill; on success it is renamed to ``out``, on failure removed.
+
+    An existing ``out`` is replaced only with ``overwrite`` (and then only once the new content is
+    complete); without it, :class:`FileExistsError` names it before anything is written.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())
+    try:
+        yield staging
+        _publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the finished directory into place; an existing ``out`` is replaced only with ``overwrite``."""
+    if not out.exists() and not out.is_symlink():
+        os.replace(staging, out)
+        return
+    if not overwrite:
+        raise FileExistsError(out)
+    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(staging, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    if old.is_dir() and not old.is_symlink():
+        shutil.rmtree(old)
+    else:
+        old.unlink()
+
+
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

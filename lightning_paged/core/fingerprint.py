@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,21 +22,11 @@ import torch
 from torch import nn
 
 from lightning_paged.core.atomic import atomic_write
+from lightning_paged.core.qlora import QLoRAConfig
 
-SETTINGS = (
-    "quant_type",
-    "double_quant",
-    "compute_dtype",
-    "skip_modules",
-    "upcast_non_quantized",
-    "lora_r",
-    "lora_alpha",
-    "target_modules",
-    "use_rslora",
-    "use_dora",
-)
-"""The QLoRA settings that change what the adapter weights mean. ``lora_dropout``,
-``quant_storage`` and ``gradient_checkpointing`` do not, and may change between runs."""
+SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig) if f.metadata.get("fingerprint"))
+"""The QLoRA settings that change what the adapter weights mean: those marked on :class:`QLoRAConfig`.
+``lora_dropout``, ``quant_storage`` and ``gradient_checkpointing`` do not, and may change between runs."""
 
 _CHUNK = 8 * 1024 * 1024
 

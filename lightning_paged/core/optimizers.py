@@ -8,22 +8,24 @@ Framework-free: the Lightning mixin, Fabric and Accelerate users call the same f
 
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import inspect
 import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.paging import PagingPolicy, install_paging, is_bitsandbytes_optimizer, warn_once
+from lightning_paged.core.settings import did_you_mean
 
-SCHEDULERS = ("constant", "linear", "cosine")
+SchedulerName = Literal["constant", "linear", "cosine"]
+"""Learning-rate schedules :func:`build_scheduler` knows."""
+SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class OptimizerConfig:
     """Decay rates of the moment estimates (AdEMAMix adds its third, 0.9999; RMSprop and SGD have none)."""
     eps: float = 1e-8
     """Term added to the denominator for numerical stability."""
-    scheduler: Literal["constant", "linear", "cosine"] = "constant"
+    scheduler: SchedulerName = "constant"
     """Learning-rate decay after warmup, stepped once per optimizer step; linear and cosine end at 0."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup, from ``lr / (warmup_steps + 1)`` up to ``lr``."""
@@ -158,8 +160,7 @@ def resolve_name(name: str) -> OptimizerSpec:
     spec = OPTIMIZERS.get(name)
     if spec is not None:
         return spec
-    close = difflib.get_close_matches(name, OPTIMIZERS, n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    hint = did_you_mean(name, OPTIMIZERS, " (did you mean '{}'?)")
     raise SettingError(
         "name",
         name,

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lightning_paged.core.qlora import _fmt_bytes
+from lightning_paged.core.units import format_bytes
 
 PAGE_THRESHOLD = 100_000
 """bitsandbytes pages a state only when its parameter has at least this many elements."""
@@ -308,12 +308,12 @@ class PagingCoverage:
         if not self.total_bytes:
             return f"paging: {self.optimizer} has no state yet (it is created at the first step)"
         line = (
-            f"paging: {_fmt_bytes(self.paged_bytes)} of {_fmt_bytes(self.total_bytes)} {self.optimizer} state "
+            f"paging: {format_bytes(self.paged_bytes)} of {format_bytes(self.total_bytes)} {self.optimizer} state "
             f"paged ({100.0 * self.paged_fraction:.1f}%, {self.paged_tensors} tensors)"
         )
         if self.unpaged_bytes:
             parts = sorted(self.unpaged_bytes.items(), key=lambda kv: -kv[1])
-            line += "; not paged: " + ", ".join(f"{_fmt_bytes(n)} {reason}" for reason, n in parts)
+            line += "; not paged: " + ", ".join(f"{format_bytes(n)} {reason}" for reason, n in parts)
         return line
 
     def metrics(self, prefix: str = "paging/") -> dict[str, float]:

@@ -8,51 +8,73 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.layers4bit import (
+    DTYPES,
+    STORAGE_DTYPES,
+    ComputeDtype,
+    StorageDtype,
+    enable_checkpointing,
+    linear4bit_layers,
+    param_count,
+    place_non_quantized,
+    quantize_linear,
+    quantized_weight_bytes,
+    set_submodule,
+)
+from lightning_paged.core.settings import settings_from_mapping
+from lightning_paged.core.units import format_bytes
 
 log = logging.getLogger(__name__)
 
-QUANT_TYPES = ("nf4", "fp4")
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-STORAGE_DTYPES = {"uint8": torch.uint8, **DTYPES}
+QuantType = Literal["nf4", "fp4"]
+"""4-bit data types of bitsandbytes."""
+QUANT_TYPES: tuple[str, ...] = get_args(QuantType)
+
+FINGERPRINT = {"fingerprint": True}
+"""Field metadata of the settings that change what the adapter weights mean (see ``core/fingerprint.py``)."""
 
 
 @dataclass
 class QLoRAConfig:
-    """Settings of the NF4 + LoRA conversion. The single source of their defaults."""
+    """Settings of the NF4 + LoRA conversion. The single source of their defaults.
 
-    quant_type: Literal["nf4", "fp4"] = "nf4"
+    Fields marked ``metadata=FINGERPRINT`` change what the adapter weights mean: a checkpoint
+    records them and refuses a resume or export under other values.
+    """
+
+    quant_type: QuantType = field(default="nf4", metadata=FINGERPRINT)
     """4-bit data type of the frozen base weights."""
-    double_quant: bool = True
+    double_quant: bool = field(default=True, metadata=FINGERPRINT)
     """Quantize the quantization constants too (about 0.37 bits per parameter less)."""
-    compute_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    compute_dtype: ComputeDtype = field(default="bfloat16", metadata=FINGERPRINT)
     """Data type of the 4-bit matmuls and of the non-quantized weights (embeddings, head, biases)."""
-    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = "uint8"
+    quant_storage: StorageDtype = "uint8"
     """Storage type of the packed 4-bit weights (a float type lets FSDP-style sharding treat them uniformly)."""
-    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
+    skip_modules: list[str] = field(default_factory=lambda: ["lm_head"], metadata=FINGERPRINT)
     """Linear layers left unquantized and without adapters: module names or name suffixes."""
-    lora_r: int = 16
+    lora_r: int = field(default=16, metadata=FINGERPRINT)
     """LoRA rank."""
-    lora_alpha: int = 32
+    lora_alpha: int = field(default=32, metadata=FINGERPRINT)
     """LoRA scaling numerator (scale is ``lora_alpha / lora_r``, or ``/ sqrt(lora_r)`` with rsLoRA)."""
     lora_dropout: float = 0.05
     """Dropout on the adapter input."""
-    target_modules: str | list[str] = "all-linear"
+    target_modules: str | list[str] = field(default="all-linear", metadata=FINGERPRINT)
     """``"all-linear"`` (every quantized layer) or a list of layer names or name suffixes."""
-    use_rslora: bool = False
+    use_rslora: bool = field(default=False, metadata=FINGERPRINT)
     """Rank-stabilised LoRA scaling."""
-    use_dora: bool = False
+    use_dora: bool = field(default=False, metadata=FINGERPRINT)
     """Weight-decomposed LoRA (DoRA)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing on models that support it (transformers models)."""
-    upcast_non_quantized: bool = False
+    upcast_non_quantized: bool = field(default=False, metadata=FINGERPRINT)
     """Cast every non-quantized weight to float32 (PEFT's ``prepare_model_for_kbit_training`` default). Costs memory."""
 
     def validate(self) -> None:
@@ -99,17 +121,9 @@ class ConversionReport:
             f"({skipped}); LoRA on {len(self.adapted)} layers; "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
             f"({100.0 * self.trainable_params / max(self.total_params, 1):.2f}%); "
-            f"4-bit weights {_fmt_bytes(self.quantized_bytes)} in place of "
-            f"{_fmt_bytes(self.replaced_16bit_bytes)} at 16 bits ({ratio:.3f}x)"
+            f"4-bit weights {format_bytes(self.quantized_bytes)} in place of "
+            f"{format_bytes(self.replaced_16bit_bytes)} at 16 bits ({ratio:.3f}x)"
         )
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n:.1f} GiB"
 
 
 def select_target(module: nn.Module, attr: str | None = "auto") -> nn.Module:
@@ -179,110 +193,6 @@ def _peft_target_spec(targets: Sequence[str], linear_names: Sequence[str]) -> li
     return list(targets)
 
 
-def _quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device) -> nn.Module:
-    import bitsandbytes as bnb
-
-    compute_dtype = DTYPES[config.compute_dtype]
-    new = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=STORAGE_DTYPES[config.quant_storage],
-        device="meta",
-    )
-    weight = bnb.nn.Params4bit(
-        linear.weight.data,
-        requires_grad=False,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=STORAGE_DTYPES[config.quant_storage],
-        module=new,
-    )
-    new.weight = weight.to(device)  # type: ignore[misc]  # quantizes on the target device
-    # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
-    # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
-    # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.
-    new.support_avx512bf16_for_cpu = False
-    if linear.bias is not None:
-        new.bias = nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
-    return new
-
-
-def quantized_weight_bytes(layer: nn.Module) -> int:
-    """Bytes of a ``Linear4bit`` weight: packed data plus its absmax constants (code tables excluded)."""
-    weight: Any = layer.weight
-    total = weight.data.numel() * weight.data.element_size()
-    state = getattr(weight, "quant_state", None)
-    if state is not None:
-        total += state.absmax.numel() * state.absmax.element_size()
-        if state.nested:
-            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
-            total += state.offset.numel() * state.offset.element_size()
-    return total
-
-
-def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, new)
-
-
-def _is_norm(module: nn.Module) -> bool:
-    return "norm" in type(module).__name__.lower()
-
-
-def _cast_back_to_input_dtype(module: nn.Module, args: tuple, output: object) -> object:
-    if (
-        args
-        and isinstance(args[0], torch.Tensor)
-        and isinstance(output, torch.Tensor)
-        and output.dtype != args[0].dtype
-    ):
-        return output.to(args[0].dtype)
-    return output
-
-
-def _place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.device) -> None:
-    """Own the dtype of every weight that stays in floating point.
-
-    Embeddings, head and biases take ``compute_dtype`` (float32 with ``upcast_non_quantized``).
-    Norm weights are kept in float32 for stability, with their output cast back to the input's
-    dtype so activations stay in ``compute_dtype``.
-    """
-    import bitsandbytes as bnb
-
-    floating = torch.float32 if config.upcast_non_quantized else DTYPES[config.compute_dtype]
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            continue
-        norm = _is_norm(module)
-        for param in module.parameters(recurse=False):
-            if param.is_floating_point():
-                dtype = torch.float32 if norm else floating
-                param.data = param.data.to(device=device, dtype=dtype)
-        if norm and not config.upcast_non_quantized:
-            module.register_forward_hook(_cast_back_to_input_dtype)
-
-
-def _enable_checkpointing(model: Any) -> bool:
-    if not getattr(model, "supports_gradient_checkpointing", False):
-        return False
-    kwargs = {"use_reentrant": False}
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
-    else:  # transformers < 5
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-    if hasattr(model, "enable_input_require_grads"):
-        model.enable_input_require_grads()
-    config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "use_cache"):
-        config.use_cache = False
-    return True
-
-
 def convert_to_qlora(
     model: nn.Module, config: QLoRAConfig | None = None, device: torch.device | str | None = None
 ) -> ConversionReport:
@@ -327,12 +237,12 @@ def convert_to_qlora(
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         replaced_bytes += linear.weight.numel() * 2
-        new = _quantize_linear(linear, config, device)
+        new = quantize_linear(linear, config, device)
         quantized_bytes += quantized_weight_bytes(new)
-        _set_submodule(model, name, new)
+        set_submodule(model, name, new)
         del linear
 
-    _place_non_quantized(model, config, device)
+    place_non_quantized(model, config, device)
     for param in model.parameters():
         param.requires_grad_(False)
 
@@ -355,10 +265,10 @@ def convert_to_qlora(
         if is_adapter:  # adapters train in float32 whatever the compute dtype
             param.data = param.data.to(device=device, dtype=torch.float32)
 
-    if config.gradient_checkpointing and not _enable_checkpointing(model):
+    if config.gradient_checkpointing and not enable_checkpointing(model):
         log.info("gradient_checkpointing: %s does not support it; running without", type(model).__name__)
 
-    total = sum(_param_count(p) for p in model.parameters())
+    total = sum(param_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return ConversionReport(
         quantized=quantized,
@@ -371,32 +281,55 @@ def convert_to_qlora(
     )
 
 
-def _param_count(param: torch.Tensor) -> int:
-    shape = getattr(getattr(param, "quant_state", None), "shape", None)
-    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+# ---------------------------------------------------------------------------------------------
+# What every front door calls: settings from what the user wrote, and the conversion once
 
 
-def linear4bit_layers(model: nn.Module) -> list[nn.Module]:
-    import bitsandbytes as bnb
+def qlora_config(value: QLoRAConfig | Mapping[str, Any] | None, where: str = "qlora.") -> QLoRAConfig:
+    """A validated :class:`QLoRAConfig` from a config, a mapping of its fields, or None (the defaults)."""
+    return settings_from_mapping(QLoRAConfig, value, where)
 
-    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
 
+def qlora_config_from_init_args(settings: Mapping[str, Any], where: str) -> QLoRAConfig:
+    """A validated :class:`QLoRAConfig` from flat init arguments (a strategy's), ``None`` keeping a default.
 
-def restore_training_layout(layers: Iterable[nn.Module]) -> int:
-    """Undo bitsandbytes' CPU repacking of 4-bit weights; returns how many layers it undid.
-
-    On a CPU with AVX512-BF16, a ``Linear4bit`` forward in eval or no-grad mode repacks its weight
-    in place for fast inference. Training on such a weight fails or silently loses input gradients,
-    so any validation or generation on CPU must be followed by this before the next training step.
+    Keys that are not QLoRA settings (``model_attr``, ``device``, ...) are left out; bad values
+    are reported as ``<where><name>``.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+    values = {name: settings[name] for name in QLORA_FIELDS if settings.get(name) is not None}
+    return settings_from_mapping(QLoRAConfig, values, where)
 
-    restored = 0
-    for layer in layers:
-        weight: Any = layer.weight
-        state = getattr(weight, "quant_state", None)
-        if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
-            layer.quant_state = weight.quant_state
-            restored += 1
-    return restored
+
+QLORA_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig))
+"""Every QLoRA setting, in the dataclass's order."""
+
+
+def is_qlora(module: nn.Module) -> bool:
+    """True when the module holds 4-bit layers, i.e. it was converted already."""
+    return bool(linear4bit_layers(module))
+
+
+def convert_model(
+    module: nn.Module,
+    config: QLoRAConfig,
+    device: torch.device | None,
+    model_attr: str | None = None,
+    where: str = "qlora.",
+) -> ConversionReport | None:
+    """Convert ``module`` (or its ``model_attr`` submodule) in place, after taking rank zero's weights.
+
+    Returns None when it holds 4-bit layers already (converted by an earlier call or by hand).
+    """
+    from lightning_paged.core.adapters import broadcast_from_rank_zero
+
+    target = select_target(module, model_attr)
+    if is_qlora(target):
+        return None
+    if device is None:
+        first = next(target.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    broadcast_from_rank_zero(target, device)
+    try:
+        return convert_to_qlora(target, config, device=device)
+    except SettingError as err:
+        raise (err.located(where) if err.setting in QLORA_FIELDS else err) from None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,11 +9,10 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
-from lightning_paged.core.errors import SettingError
-from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler, param_groups
+from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.paged_optimizer import optimizer_and_schedule, optimizer_config
 from lightning_paged.core.paging import (
     ManagedMemory,
-    PagingPolicy,
     is_bitsandbytes_optimizer,
     paging_coverage,
     repage_optimizer_state,
@@ -63,35 +61,19 @@ class PagedOptimizerMixin(LightningModule):
         config: Any = self.optimizer_config
         if config is None:
             config = getattr(self.hparams, "optimizer", None)
-        if config is None:
-            config = OptimizerConfig()
-        elif isinstance(config, Mapping):
-            config = OptimizerConfig(**config)
-        if not isinstance(config, OptimizerConfig):
-            raise SettingError("optimizer", config, "must be an OptimizerConfig", where="model.")
-        try:
-            config.validate()
-        except SettingError as err:
-            raise err.located(SETTINGS_LOCATION) from None
-        return config
+        return optimizer_config(config, SETTINGS_LOCATION)
 
     @override
     def configure_optimizers(self) -> Any:
         config = self.resolved_optimizer_config()
-        groups = param_groups(self.named_parameters(), config.weight_decay)
-        if not groups:
-            raise SettingError(
-                "model",
-                type(self).__name__,
-                "has no trainable parameters (requires_grad); nothing to optimize",
-            )
-        policy = PagingPolicy(page_small=config.page_adapters, memory=self.managed_memory or ManagedMemory())
-        try:
-            optimizer = build_optimizer(config.name, groups, paging=policy, **config.optimizer_kwargs())
-            total = None if config.scheduler == "constant" else self._total_steps()
-            scheduler = build_scheduler(optimizer, config.scheduler, config.warmup_steps, total)
-        except SettingError as err:
-            raise err.located(SETTINGS_LOCATION) from None
+        optimizer, scheduler = optimizer_and_schedule(
+            self,
+            config,
+            total_steps=None if config.scheduler == "constant" else self._total_steps(),
+            memory=self.managed_memory,
+            where=SETTINGS_LOCATION,
+            if_empty=" (requires_grad); nothing to optimize",
+        )
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +12,7 @@ from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.settings import close_matches
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 
@@ -83,7 +83,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         settings = dict(model_config)
         model_type = settings.pop("model_type", None)
         if model_type not in CONFIG_MAPPING:
-            close = difflib.get_close_matches(str(model_type), list(CONFIG_MAPPING.keys()), n=3)
+            close = close_matches(str(model_type), CONFIG_MAPPING.keys(), n=3, cutoff=0.6)
             hint = f"did you mean {', '.join(close)}?" if close else "e.g. 'llama', 'mistral', 'qwen2'"
             raise SettingError(
                 "model_config.model_type", model_type, f"must name a transformers model type; {hint}"
@@ -92,7 +92,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         known = set(config_class().to_dict()) | _init_arguments(config_class) | _EXTRA_CONFIG_KEYS
         for key in settings:
             if key not in known:
-                close = difflib.get_close_matches(key, sorted(known), n=1)
+                close = close_matches(key, sorted(known), cutoff=0.6)
                 hint = f"did you mean {close[0]!r}?" if close else f"see {config_class.__name__}"
                 raise SettingError(
                     f"model_config.{key}", settings[key], f"is not a {model_type} setting; {hint}"

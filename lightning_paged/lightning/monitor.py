@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
-import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -15,31 +14,17 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.eviction.paged import PagedBytes
 from lightning_paged.core.eviction.recorder import EvictionRecorder
-from lightning_paged.core.eviction.records import StepRecord
-from lightning_paged.core.eviction.sources import SOURCE_SETTINGS, MemoryProbe, open_source
-from lightning_paged.core.eviction.sources.base import OnceNotifier
-from lightning_paged.core.eviction.summary import Summary
-
-PREFIX = "eviction/"
-LOG_NAME = "eviction_events.jsonl"
-SUMMARY_NAME = "eviction_summary.txt"
-METRIC_FIELDS = (
-    "seq_len",
-    "tokens",
-    "long_sequence",
-    "evicted_bytes",
-    "paged_in_bytes",
-    "gpu_page_faults",
-    "thrashing_events",
-    "optimizer_step_s",
-    "step_s",
-    "device_free_bytes",
-    "alloc_retries",
-    "ooms",
-    "paged_bytes_total",
+from lightning_paged.core.eviction.run import (
+    LOG_NAME,
+    check_monitor_settings,
+    gather_summaries,
+    rank_path,
+    record_metrics,
+    write_summary,
 )
+from lightning_paged.core.eviction.sources import MemoryProbe, SourceSetting
+from lightning_paged.core.eviction.summary import Summary
 
 
 class EvictionMonitor(Callback):
@@ -81,7 +66,7 @@ class EvictionMonitor(Callback):
 
     def __init__(
         self,
-        source: Literal["auto", "cupti", "pressure", "none"] = "auto",
+        source: SourceSetting = "auto",
         log_path: str | None = None,
         long_sequence_threshold: int | None = None,
         seq_len_fn: Callable[[Any], int | tuple[int, int | None]] | None = None,
@@ -104,16 +89,7 @@ class EvictionMonitor(Callback):
             summary_top_k: How many of the slowest steps the end-of-fit summary lists.
         """
         super().__init__()
-        if source not in SOURCE_SETTINGS:
-            raise SettingError("source", source, f"must be one of {', '.join(SOURCE_SETTINGS)}")
-        if long_sequence_threshold is not None and (
-            not isinstance(long_sequence_threshold, int) or long_sequence_threshold <= 0
-        ):
-            raise SettingError(
-                "long_sequence_threshold", long_sequence_threshold, "must be a positive integer or unset"
-            )
-        if not isinstance(summary_top_k, int) or summary_top_k < 0:
-            raise SettingError("summary_top_k", summary_top_k, "must be an integer >= 0")
+        check_monitor_settings(source, long_sequence_threshold, summary_top_k)
         if seq_len_fn is not None and not callable(seq_len_fn):
             raise SettingError("seq_len_fn", seq_len_fn, "must be a function of the batch (an import path)")
         self.source = source
@@ -142,19 +118,17 @@ class EvictionMonitor(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_fit_start(trainer, pl_module)
-        device = trainer.strategy.root_device
-        notify = OnceNotifier(_warn)
-        source = open_source(self.source, device, probe=self.probe, notify=notify)
         self.summary = None
-        self.recorder = EvictionRecorder(
-            source,
+        self.recorder = EvictionRecorder.open(
+            self.source,
+            trainer.strategy.root_device,
             self.path,
+            notify=_warn,
+            probe=self.probe,
             long_sequence_threshold=self.long_sequence_threshold,
             seq_len_fn=self.seq_len_fn,
             rank=trainer.global_rank,
             top_k=self.summary_top_k,
-            paged_bytes=PagedBytes(device.index if device.type == "cuda" else None),
-            notify=notify,
         )
 
     @override
@@ -198,13 +172,9 @@ class EvictionMonitor(Callback):
             return
         self.summary = self.recorder.close()
         self.recorder = None
-        summaries = _gather(self.summary, trainer.world_size)
+        summaries = gather_summaries(self.summary, trainer.world_size)
         if trainer.is_global_zero:
-            text = "\n\n".join(s.render() for s in summaries)
-            rank_zero_info(text)
-            if self._log_dir is not None:
-                self._log_dir.mkdir(parents=True, exist_ok=True)
-                (self._log_dir / SUMMARY_NAME).write_text(text + "\n", encoding="utf-8")
+            rank_zero_info(write_summary(summaries, self._log_dir))
 
     @override
     def on_exception(
@@ -224,31 +194,5 @@ class EvictionMonitor(Callback):
             self.recorder = None
 
 
-def rank_path(path: Path, rank: int, world_size: int) -> Path:
-    """``path`` itself on one process; ``<stem>.rank<N><suffix>`` per rank when there are several."""
-    if world_size <= 1:
-        return path
-    return path.with_name(f"{path.stem}.rank{rank}{path.suffix}")
-
-
-def record_metrics(record: StepRecord) -> dict[str, float]:
-    """The logger metrics of a record: ``eviction/<field>``, unmeasured fields left out."""
-    metrics = {}
-    for name in METRIC_FIELDS:
-        value = getattr(record, name)
-        if value is not None:
-            metrics[PREFIX + name] = float(value)
-    return metrics
-
-
 def _warn(message: str) -> None:
     rank_zero_warn(f"EvictionMonitor: {message}")
-
-
-def _gather(summary: Summary, world_size: int) -> list[Summary]:
-    """Every rank's summary on every rank (just this one without a process group)."""
-    if world_size <= 1 or not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return [summary]
-    gathered: list[Any] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(gathered, summary.to_dict())
-    return [Summary.from_dict(d) for d in gathered]

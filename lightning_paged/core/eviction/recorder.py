@@ -30,7 +30,7 @@ from lightning_paged.core.eviction.log import JsonlWriter
 from lightning_paged.core.eviction.paged import PagedBytes
 from lightning_paged.core.eviction.records import RECORD_FIELDS, StepRecord
 from lightning_paged.core.eviction.seqlen import LongSequenceDetector, SeqLenFn, batch_length, resolve_tokens
-from lightning_paged.core.eviction.sources import open_source
+from lightning_paged.core.eviction.sources import MemoryProbe, open_source
 from lightning_paged.core.eviction.sources.base import EventSource, Notify, OnceNotifier
 from lightning_paged.core.eviction.summary import Summary, SummaryBuilder
 
@@ -104,13 +104,17 @@ class EvictionRecorder:
         log_path: str | os.PathLike[str] | None = None,
         *,
         notify: Notify | OnceNotifier | None = None,
+        probe: MemoryProbe | None = None,
         **kwargs: Any,
     ) -> EvictionRecorder:
-        """Pick and start the source for ``device`` (see :func:`open_source`) and record from it."""
+        """Pick and start the source for ``device`` (see :func:`open_source`) and record from it.
+
+        ``probe`` replaces the pressure source's CUDA memory reader; ``kwargs`` go to the recorder.
+        """
         once = notify if isinstance(notify, OnceNotifier) else OnceNotifier(notify)
         dev = torch.device(device)
         kwargs.setdefault("paged_bytes", PagedBytes(dev.index if dev.type == "cuda" else None))
-        return cls(open_source(source, dev, notify=once), log_path, notify=once, **kwargs)
+        return cls(open_source(source, dev, probe=probe, notify=once), log_path, notify=once, **kwargs)
 
     @property
     def steps(self) -> int:

@@ -8,10 +8,7 @@ source none while the PyTorch profiler holds CUPTI.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any, Literal
-
-SourceName = Literal["cupti", "pressure", "none"]
-SOURCE_NAMES: tuple[str, ...] = ("cupti", "pressure", "none")
+from typing import Any
 
 
 @dataclass

@@ -7,17 +7,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from lightning_paged.core.eviction.records import StepRecord
-
-
-def format_bytes(n: float | None) -> str:
-    if n is None:
-        return "n/a"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(value) < 1024 or unit == "GiB":
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"
+from lightning_paged.core.units import format_bytes
 
 
 def _fmt_s(s: float | None) -> str:

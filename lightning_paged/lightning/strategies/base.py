@@ -9,7 +9,7 @@ position and random generator states, see :mod:`lightning_paged.lightning.resume
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,12 +26,12 @@ from lightning_paged.core.fingerprint import (
     fingerprint,
     mismatch_error,
 )
+from lightning_paged.core.layers4bit import linear4bit_layers, restore_training_layout
 from lightning_paged.core.qlora import (
     ConversionReport,
     QLoRAConfig,
     convert_to_qlora,
-    linear4bit_layers,
-    restore_training_layout,
+    qlora_config_from_init_args,
     select_target,
 )
 from lightning_paged.lightning.resume import ResumeTracker
@@ -44,13 +44,7 @@ CHECKPOINT_FORMAT = 1
 
 def qlora_config_from(settings: Mapping[str, Any]) -> QLoRAConfig:
     """A :class:`QLoRAConfig` from a strategy's init arguments (``None`` keeps a field's default)."""
-    values = {f.name: settings[f.name] for f in fields(QLoRAConfig) if settings.get(f.name) is not None}
-    config = QLoRAConfig(**values)
-    try:
-        config.validate()
-    except SettingError as err:
-        raise err.located(SETTING_PREFIX) from None
-    return config
+    return qlora_config_from_init_args(settings, SETTING_PREFIX)
 
 
 class QLoRAStrategyMixin:

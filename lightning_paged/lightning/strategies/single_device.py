@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -11,7 +11,8 @@ from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
+from lightning_paged.core.qlora import QLoRAConfig, QuantType
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin, qlora_config_from
 
@@ -53,10 +54,10 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
 
     def __init__(
         self,
-        quant_type: Literal["nf4", "fp4"] = _D.quant_type,
+        quant_type: QuantType = _D.quant_type,
         double_quant: bool = _D.double_quant,
-        compute_dtype: Literal["bfloat16", "float16", "float32"] = _D.compute_dtype,
-        quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = _D.quant_storage,
+        compute_dtype: ComputeDtype = _D.compute_dtype,
+        quant_storage: StorageDtype = _D.quant_storage,
         skip_modules: list[str] | None = None,
         lora_r: int = _D.lora_r,
         lora_alpha: int = _D.lora_alpha,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 
@@ -16,7 +16,8 @@ from lightning_paged.core.eviction.sources.pressure import MemoryProbe, MemorySa
 log = logging.getLogger(__name__)
 
 SourceSetting = Literal["auto", "cupti", "pressure", "none"]
-SOURCE_SETTINGS: tuple[str, ...] = ("auto", "cupti", "pressure", "none")
+"""Where eviction events come from (see :func:`open_source`)."""
+SOURCE_SETTINGS: tuple[str, ...] = get_args(SourceSetting)
 
 __all__ = [
     "SOURCE_SETTINGS",

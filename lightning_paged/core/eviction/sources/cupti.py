@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 # (cupti_activity.h); the bindings' IntEnums compare equal to them.
 HTOD = 1
 DTOH = 2
-CPU_PAGE_FAULT_COUNT = 3
 GPU_PAGE_FAULT = 4
 THRASHING = 5
 CAUSE_EVICTION = 4

@@ -3,45 +3,27 @@
 from __future__ import annotations
 
 import csv
-import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import run_script
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.log import read_jsonl
-from lightning_paged.core.eviction.sources import MemorySample
-from lightning_paged.lightning.monitor import METRIC_FIELDS, EvictionMonitor, rank_path
+from lightning_paged.core.eviction.run import METRIC_FIELDS, rank_path
+from lightning_paged.lightning.monitor import EvictionMonitor
+from lightning_paged.testing import FakeProbe
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
 LENGTHS = [8, 12, 40, 10, 16, 48, 9, 11]
 LONG = 32
-
-
-class FakeProbe:
-    """Device memory as numbers; the module below evicts on long batches and pages back in at the optimizer."""
-
-    def __init__(self) -> None:
-        self.resident, self.reserved = 4 * GIB, 2 * GIB
-
-    def sample(self) -> MemorySample:
-        return MemorySample(16 * GIB - self.resident - self.reserved, 16 * GIB, self.reserved, 0, 0)
-
-    def synchronize(self) -> None:
-        pass
-
-    def move(self, n: int) -> None:
-        self.resident -= n
-        self.reserved += n
 
 
 class TinyLM(pl.LightningModule):
@@ -58,13 +40,13 @@ class TinyLM(pl.LightningModule):
         loss = nn.functional.cross_entropy(logits[mask.bool()], ids[mask.bool()])
         if self.probe is not None and ids.shape[-1] >= LONG:  # a long batch's activations push state out
             self.evicted = 96 * MIB
-            self.probe.move(self.evicted)
+            self.probe.evict(self.evicted)
         return loss
 
     def optimizer_step(self, *args, **kwargs):
         super().optimizer_step(*args, **kwargs)
         if self.probe is not None and self.evicted:  # the optimizer touches its state: paged back in
-            self.probe.move(-self.evicted)
+            self.probe.evict(-self.evicted)
             self.evicted = 0
 
     def configure_optimizers(self):
@@ -196,17 +178,7 @@ def test_monitor_is_configurable_as_a_cli_callback(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_ddp_ranks_record_their_own_files_and_rank_zero_writes_the_summary(tmp_path):
-    script = Path(__file__).with_name("monitor_ddp_train.py")
-    env = {**os.environ, "PYTHONPATH": str(script.parent.parent)}
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
+    run_script("monitor_ddp_train.py", tmp_path)
     rank0 = read_jsonl(tmp_path / "eviction_events.rank0.jsonl").records
     rank1 = read_jsonl(tmp_path / "eviction_events.rank1.jsonl").records
     assert {r["rank"] for r in rank0} == {0} and {r["rank"] for r in rank1} == {1}

@@ -1,4 +1,4 @@
-"""The ``lightning-paged`` command: LightningCLI for fit/validate/test/predict, plus report and export.
+"""The LightningCLI of ``lightning-paged fit/validate/test/predict``.
 
 Configs are YAML with omegaconf interpolation resolved over the merged config (``${vars.x}``,
 ``${trainer.default_root_dir}``, command-line overrides included). The CLI's automatic
@@ -9,7 +9,6 @@ set under ``model.init_args.optimizer`` and built over the trainable parameters.
 
 from __future__ import annotations
 
-import difflib
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,17 +21,12 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.settings import did_you_mean
 
-_EXTRA_COMMANDS = {
-    "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
-    "export": "write a PEFT adapter directory or a merged model from a run (lightning-paged export RUN --out DIR)",
-}
-
-
-_DESCRIPTION = (
+DESCRIPTION = (
     "NF4 QLoRA fine-tuning with paged optimizers and eviction monitoring. Models: "
     "lightning_paged.CausalLMModule or any LightningModule; data: lightning_paged.InstructionDataModule or "
-    "any LightningDataModule. Other commands: " + "; ".join(f"{k}: {v}" for k, v in _EXTRA_COMMANDS.items())
+    "any LightningDataModule."
 )
 
 
@@ -58,11 +52,6 @@ class PagedCLI(LightningCLI):
         _print_run_summary(self.trainer)
 
 
-def _closest(word: str, choices: list[str]) -> str:
-    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return f" Did you mean {match[0]!r}?" if match else ""
-
-
 def _check_strategy_name(strategy: Any) -> None:
     if not isinstance(strategy, str) or strategy in StrategyRegistry or strategy == "auto":
         return
@@ -70,25 +59,24 @@ def _check_strategy_name(strategy: Any) -> None:
     raise SettingError(
         "trainer.strategy",
         strategy,
-        f"is not a strategy name.{_closest(strategy, names)} QLoRA strategies: paged_qlora, paged_qlora_ddp",
+        f"is not a strategy name.{did_you_mean(strategy, names)} QLoRA strategies: paged_qlora, paged_qlora_ddp",
     )
 
 
 def _check_optimizer_name(model: Any) -> None:
-    from lightning_paged.core.optimizers import OPTIMIZERS
+    """An optimizer name typo, caught before the model is built and named as the config spells it."""
+    from lightning_paged.core.optimizers import resolve_name
 
     def field(node: Any, key: str) -> Any:
         return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
 
     name = field(field(field(model, "init_args"), "optimizer"), "name")
-    if not isinstance(name, str) or name in OPTIMIZERS or "." in name:
+    if not isinstance(name, str) or "." in name:
         return
-    raise SettingError(
-        "model.init_args.optimizer.name",
-        name,
-        f"is not an optimizer name.{_closest(name, sorted(OPTIMIZERS))} "
-        f"Names: {', '.join(sorted(OPTIMIZERS))}, or a class path",
-    )
+    try:
+        resolve_name(name)
+    except SettingError as err:
+        raise err.located("model.init_args.optimizer.") from None
 
 
 @rank_zero_only
@@ -113,18 +101,19 @@ def _print_run_summary(trainer: Any) -> None:
 
 
 def _write_report(log_path: str | Path, out: Path) -> str:
-    from lightning_paged import report
+    from lightning_paged.core.plot import ReportError, plot_available, report
 
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
+    if not plot_available():
         return f"lightning-paged report {log_path} --out {out}  (needs: pip install 'lightning-paged[plot]')"
-    if report.main([str(log_path), "--out", str(out)]) != 0:
+    try:
+        report(Path(log_path), out)
+    except ReportError as err:
+        print(f"error: {err}", file=sys.stderr)
         return f"not written; run: lightning-paged report {log_path} --out {out}"
     return str(out)
 
 
-def _located(err: SettingError) -> SettingError:
+def located(err: SettingError) -> SettingError:
     """Put the config section in front of a module's or datamodule's own setting name."""
     if err.where:
         return err
@@ -140,7 +129,7 @@ def _located(err: SettingError) -> SettingError:
     return err
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, description: str = DESCRIPTION) -> PagedCLI:
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
     from jsonargparse import set_parsing_settings
 
@@ -154,34 +143,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> PagedCLI:
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "description": _DESCRIPTION},
+        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "description": description},
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RichProgressBar()]},
         args=args,
         run=run,
     )
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lightning-paged`` and ``python -m lightning_paged``."""
-    from_console = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] == "report":
-        from lightning_paged import report
-
-        return report.main(argv[1:])
-    if argv and argv[0] == "export":
-        from lightning_paged import export_cli
-
-        return export_cli.main(argv[1:])
-    try:
-        # From the console LightningCLI reads sys.argv itself (and warns when handed it as args).
-        cli_main(None if from_console else argv)
-    except SettingError as err:
-        print(f"lightning-paged: error: {_located(err)}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

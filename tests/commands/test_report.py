@@ -6,10 +6,10 @@ import sys
 
 import pytest
 
+from lightning_paged.commands.report import main
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.records import StepCounters
 from lightning_paged.core.eviction.sources.base import EventSource
-from lightning_paged.report import main
 
 MIB = 1024 * 1024
 RAMP = [128, 256, 512, 1024, 2048, 4096, 2048, 512, 256, 4096, 128, 1024]

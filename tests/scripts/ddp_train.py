@@ -1,4 +1,4 @@
-"""Run by tests/test_ddp.py: two CPU processes (gloo) fine-tune a tiny Llama with paged_qlora_ddp.
+"""Run by tests/lightning/test_ddp.py: two CPU processes (gloo) fine-tune a tiny Llama with paged_qlora_ddp.
 
 Each rank builds its model from a different seed on purpose: the strategy must give every rank
 rank zero's base weights before quantizing. Each rank writes what the test compares.

@@ -1,24 +1,23 @@
-"""``lightning-paged report LOG --out FILE``: plot an eviction event log and print its summary.
+"""The eviction report: one run of an event log, drawn as three panels over the steps, with its summary.
 
-The plot has three panels over the steps: sequence length (long-sequence steps marked), bytes
-evicted to host and paged back in, and step time (with the optimizer's share). ``--out`` takes
-``.png``, ``.svg``, ``.pdf`` or ``.html`` (one self-contained page: the plot inlined as base64 PNG and
-the summary). The output appears complete or not at all: it is written to a temporary file in the
-same directory and renamed over the target.
+The panels: sequence length (long-sequence steps marked), bytes evicted to host and paged back
+in, and step time (with the optimizer's share). The output is ``.png``, ``.svg``, ``.pdf`` or
+``.html`` (one self-contained page: the plot inlined as base64 PNG and the summary), written
+atomically. matplotlib is an optional extra, imported only to draw.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
+import importlib.util
 import io
-import os
 import sys
-import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from lightning_paged.core.atomic import atomic_write
 from lightning_paged.core.eviction.log import read_jsonl
 from lightning_paged.core.eviction.records import StepRecord
 from lightning_paged.core.eviction.summary import summarize
@@ -31,44 +30,22 @@ class ReportError(Exception):
     """A problem with the user's input, reported as one line and a non-zero exit."""
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lightning-paged report",
-        description="Plot an EvictionMonitor event log (sequence length, evicted bytes, step time) "
-        "and print its summary.",
-    )
-    parser.add_argument("log", help="JSONL event log written by the EvictionMonitor")
-    parser.add_argument(
-        "--out", help=f"write the plot here; the suffix picks the format ({', '.join(PLOT_SUFFIXES)})"
-    )
-    parser.add_argument(
-        "--run",
-        type=int,
-        default=-1,
-        help="which run of a log that several runs appended to: 0 the first, -1 the last (default)",
-    )
-    parser.add_argument("--top", type=int, default=5, help="slowest steps listed in the summary (default 5)")
-    return parser
+def plot_available() -> bool:
+    """Whether matplotlib (the ``plot`` extra) is installed."""
+    return importlib.util.find_spec("matplotlib") is not None
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the report; returns the process exit code (0 on success, 2 on bad input)."""
-    args = build_parser().parse_args(argv)
-    try:
-        records, run_note = load_run(Path(args.log), args.run)
-        summary = summarize(records, top_k=max(0, args.top))
-        print(run_note)
-        print(summary.render())
-        if args.out:
-            out = Path(args.out)
-            write_plot(
-                records, out, title=f"{Path(args.log).name}: {run_note}", summary_text=summary.render()
-            )
-            print(f"wrote {out}")
-    except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+def report(
+    log: Path, out: Path | None = None, run: int = -1, top: int = 5, emit: Callable[[str], object] = print
+) -> None:
+    """Summarize run ``run`` of the event log ``log`` through ``emit`` and, with ``out``, draw it there."""
+    records, run_note = load_run(log, run)
+    summary = summarize(records, top_k=max(0, top))
+    emit(run_note)
+    emit(summary.render())
+    if out is not None:
+        write_plot(records, out, title=f"{log.name}: {run_note}", summary_text=summary.render())
+        emit(f"wrote {out}")
 
 
 def load_run(path: Path, run: int = -1) -> tuple[list[StepRecord], str]:
@@ -118,11 +95,11 @@ def write_plot(records: list[StepRecord], out: Path, title: str = "", summary_te
         png = io.BytesIO()
         figure.savefig(png, format="png", dpi=110)
         payload = _html_page(title, base64.b64encode(png.getvalue()).decode("ascii"), summary_text)
-        _atomic_write(out, payload.encode("utf-8"))
+        atomic_write(out, lambda f: f.write(payload.encode("utf-8")))
     else:
         buffer = io.BytesIO()
         figure.savefig(buffer, format=suffix[1:], dpi=110)
-        _atomic_write(out, buffer.getvalue())
+        atomic_write(out, lambda f: f.write(buffer.getvalue()))
 
 
 def _figure(records: list[StepRecord], title: str) -> Any:
@@ -216,18 +193,3 @@ def _html_page(title: str, png_base64: str, summary_text: str) -> str:
         f"<h2>Summary</h2><pre>{html.escape(summary_text)}</pre>"
         "</body></html>\n"
     )
-
-
-def _atomic_write(out: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

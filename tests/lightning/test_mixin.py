@@ -17,32 +17,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
-from lightning_paged.core.paging import ManagedMemory
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
+from lightning_paged.testing import HostMemory
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::UserWarning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
 )
-
-
-class HostMemory(ManagedMemory):
-    """Managed memory stood in for by host tensors marked paged (see tests/test_paging.py)."""
-
-    def unavailable_reason(self, device):
-        return None
-
-    def allocate(self, nbytes, device):
-        self.allocations += 1
-        buffer = torch.zeros(nbytes, dtype=torch.uint8)
-        buffer.is_paged = True
-        buffer.page_deviceid = 0
-        return buffer
-
-    def zero_(self, buffer):
-        buffer.zero_()
-
-    def prefetch(self, tensor):
-        self.prefetches += 1
 
 
 class Tiny(PagedOptimizerMixin, LightningModule):

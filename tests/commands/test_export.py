@@ -18,8 +18,8 @@ from safetensors import safe_open
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
+from lightning_paged.commands.export import main
 from lightning_paged.core.export import adapter_from_model, compare_logits
-from lightning_paged.export_cli import main
 from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 
 VOCAB = 64

@@ -1,4 +1,4 @@
-"""Run by tests/test_monitor.py: two CPU processes (gloo, plain ``ddp``) train with an EvictionMonitor.
+"""Run by tests/lightning/test_monitor.py: two CPU processes (gloo, plain ``ddp``) train with an EvictionMonitor.
 
 The subprocess launcher re-runs this script for rank 1, so it must be a script, not a test body.
 """
@@ -11,7 +11,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 from torch.utils.data import DataLoader
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "lightning"))
 from test_monitor import LENGTHS, TinyLM, batches
 
 from lightning_paged.lightning.monitor import EvictionMonitor

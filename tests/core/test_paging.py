@@ -22,34 +22,11 @@ from lightning_paged.core.paging import (
     NOT_BITSANDBYTES,
     NOT_REPAGED,
     POOL_ALIGN,
-    ManagedMemory,
     PagingPolicy,
     paging_coverage,
     repage_optimizer_state,
 )
-
-
-class HostMemory(ManagedMemory):
-    """Managed memory stood in for by host tensors marked paged, counting what is asked of it."""
-
-    def unavailable_reason(self, device):
-        return None
-
-    def allocate(self, nbytes, device):
-        self.allocations += 1
-        self.allocated_bytes += nbytes
-        buffer = torch.full((nbytes,), 0xAB, dtype=torch.uint8)  # garbage, as fresh memory would hold
-        buffer.is_paged = True
-        buffer.page_deviceid = 0
-        return buffer
-
-    def zero_(self, buffer):
-        buffer.zero_()
-
-    def prefetch(self, tensor):
-        assert tensor.is_paged
-        self.prefetches += 1
-
+from lightning_paged.testing import HostMemory
 
 SMALL = (64, 64)  # 4,096 elements: below bitsandbytes' 100,000 threshold, like a LoRA matrix
 LARGE = (320, 320)  # 102,400 elements: bitsandbytes pages it

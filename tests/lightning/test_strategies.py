@@ -266,12 +266,8 @@ def test_validation_between_training_steps_does_not_change_training():
 
 @pytest.mark.skipif(not bnb.functional.has_avx512bf16(), reason="repacking happens only with AVX512-BF16")
 def test_restore_training_layout_undoes_cpu_repacking():
-    from lightning_paged.core.qlora import (
-        QLoRAConfig,
-        convert_to_qlora,
-        linear4bit_layers,
-        restore_training_layout,
-    )
+    from lightning_paged.core.layers4bit import linear4bit_layers, restore_training_layout
+    from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora
 
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config())

@@ -3,34 +3,29 @@ checkpoints, the eviction monitor in a hand-written loop, the example, and two-p
 
 from __future__ import annotations
 
-import os
-import re
 import runpy
-import subprocess
-import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import assert_ranks_agree, run_script, tiny_llama_config
 from lightning.fabric import Fabric
 from torch import nn
 from transformers import LlamaForCausalLM
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.log import read_jsonl
-from lightning_paged.core.eviction.sources import MemorySample
 from lightning_paged.core.paging import ManagedMemory
 from lightning_paged.core.qlora import QLoRAConfig
 from lightning_paged.fabric import (
     PagedQLoRAFabricDDPStrategy,
     PagedQLoRAFabricStrategy,
     build_paged_optimizer,
-    fabric_eviction_monitor,
 )
+from lightning_paged.testing import HostMemory
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 FAST = QLoRAConfig(lora_dropout=0.0, compute_dtype="float32", gradient_checkpointing=False)
 """Settings that keep CPU steps quick; the defaults (bfloat16, checkpointing) run in the DDP test."""
 VOCAB = 128
@@ -138,25 +133,6 @@ def test_checkpoint_with_another_lora_rank_is_refused(tmp_path):
         fabric.load(tmp_path / "r8.ckpt", {"model": model})
 
 
-class HostMemory(ManagedMemory):
-    """Managed memory stood in for by host tensors marked paged (CPU has none)."""
-
-    def unavailable_reason(self, device):
-        return None
-
-    def allocate(self, nbytes, device):
-        buffer = torch.zeros(nbytes, dtype=torch.uint8)
-        buffer.is_paged = True
-        buffer.page_deviceid = 0
-        return buffer
-
-    def zero_(self, buffer):
-        buffer.zero_()
-
-    def prefetch(self, tensor):
-        pass
-
-
 def _state_buffers(optimizer):
     return [t for state in optimizer.state.values() for k, t in state.items() if k in ("state1", "state2")]
 
@@ -201,50 +177,6 @@ def test_settings_are_checked_with_their_names():
         build_paged_optimizer(model, {"name": "paged_adamw_9bit"})
 
 
-class FakeProbe:
-    """Device memory as numbers: the loop below evicts on long batches and pages back in at the optimizer."""
-
-    def __init__(self) -> None:
-        self.resident, self.reserved = 4096 * MIB, 2048 * MIB
-
-    def sample(self) -> MemorySample:
-        return MemorySample(16384 * MIB - self.resident - self.reserved, 16384 * MIB, self.reserved, 0, 0)
-
-    def synchronize(self) -> None:
-        pass
-
-    def move(self, n: int) -> None:
-        self.resident -= n
-        self.reserved += n
-
-
-def test_loop_monitor_writes_the_event_log_and_summary(tmp_path):
-    lengths = [8, 40, 12, 48, 10]
-    probe = FakeProbe()
-    fabric = make_fabric()
-    monitor = fabric_eviction_monitor(
-        fabric, tmp_path, source="pressure", probe=probe, long_sequence_threshold=32
-    )
-    for n in lengths:
-        batch = {"input_ids": torch.zeros(2, n, dtype=torch.long), "attention_mask": torch.ones(2, n)}
-        with monitor.step(batch):
-            if n >= 32:  # a long batch's activations push optimizer state out
-                probe.move(96 * MIB)
-            with monitor.optimizer_step():
-                if n >= 32:  # the optimizer touches its state again
-                    probe.move(-96 * MIB)
-        assert monitor.metrics()["eviction/seq_len"] == n
-    text = monitor.close()
-
-    records = read_jsonl(tmp_path / "eviction_events.jsonl").records
-    assert [r["seq_len"] for r in records] == lengths
-    assert [r["long_sequence"] for r in records] == [n >= 32 for n in lengths]
-    assert [r["evicted_bytes"] for r in records] == [96 * MIB if n >= 32 else 0 for n in lengths]
-    assert all(r["source"] == "pressure" and r["estimated"] for r in records)
-    assert (tmp_path / "eviction_summary.txt").read_text() == text + "\n"
-    assert re.search(r"long-sequence steps +2\n", text)
-
-
 def test_example_trains_saves_adapters_and_resumes(tmp_path):
     example = runpy.run_path(str(ROOT / "examples" / "fabric_qlora.py"))
     args = ["--steps", "3", "--batch-size", "2", "--max-length", "128", "--out", str(tmp_path)]
@@ -263,27 +195,8 @@ def test_example_trains_saves_adapters_and_resumes(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_keeps_lora_weights_equal(tmp_path):
-    script = Path(__file__).with_name("fabric_ddp_train.py")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    run = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert run.returncode == 0, run.stderr[-3000:]
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
-    assert ranks[0]["world_size"] == 2
-    # every rank quantized rank zero's weights, so the 4-bit data and its constants agree
-    torch.testing.assert_close(ranks[0]["packed"], ranks[1]["packed"], rtol=0, atol=0)
-    torch.testing.assert_close(ranks[0]["absmax"], ranks[1]["absmax"], rtol=0, atol=0)
-    lora0, lora1 = ranks[0]["lora"], ranks[1]["lora"]
-    assert set(lora0) == set(lora1) and lora0
-    for name in lora0:
-        torch.testing.assert_close(lora0[name], lora1[name], rtol=0, atol=0, msg=name)
-    assert any(t.abs().sum() > 0 for n, t in lora0.items() if "lora_B" in n)  # it trained
+    run_script("fabric_ddp_train.py", tmp_path)
+    lora0 = assert_ranks_agree(tmp_path)
 
     checkpoint = torch.load(tmp_path / "adapters.ckpt", weights_only=False)
     assert set(checkpoint["model"]) == set(lora0)  # adapter-only, written once by rank zero

@@ -14,7 +14,7 @@ from lightning_paged.core.errors import SettingError
 from lightning_paged.core.tokenizer import ByteTokenizer, load_tokenizer
 from lightning_paged.lightning.data import IGNORE_INDEX, InstructionDataModule
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 def write_jsonl(path: Path, rows: list) -> str:

@@ -16,17 +16,14 @@ and an existing ``--out`` is replaced only with ``--overwrite``.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
-import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint
+from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, staged_directory
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import (
     DEFAULT_MAX_SHARD_SIZE,
@@ -37,22 +34,26 @@ from lightning_paged.core.export import (
     adapter_from_state_dict,
     compare_logits,
     merge_adapter,
-    progress_bar,
     save_adapter,
 )
-from lightning_paged.core.fingerprint import (
-    BaseFingerprint,
-    Fingerprint,
-    describe_differences,
-    files_fingerprint,
-    settings_of,
-    tensors_fingerprint,
-    weight_files,
+from lightning_paged.core.fingerprint import Fingerprint, tensors_fingerprint
+from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora, select_target
+from lightning_paged.core.run_checks import (
+    check_base,
+    check_settings,
+    files_fingerprint_with_bar,
+    find_base_dir,
 )
+from lightning_paged.core.units import parse_size
+from lightning_paged.lightning.run_config import (
+    build_module,
+    locate_run,
+    read_run_config,
+    strategy_qlora_settings,
+)
+from lightning_paged.lightning.strategies.base import SETTING_PREFIX
 
 PROG = "lightning-paged export"
-CONFIG_NAME = "config.yaml"
-_QLORA_STRATEGIES = ("paged_qlora", "paged_qlora_ddp")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
-        max_shard_size = parse_size(args.max_shard_size)
+        max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
         result = export_run(
             args.run,
             args.out,
@@ -186,16 +187,24 @@ def export_run(
         )
     run_config = read_run_config(config_path)
     saved = Fingerprint.from_dict(meta["fingerprint"])
-    _check_settings(saved, run_config, checkpoint_path, config_path)
+    settings = strategy_qlora_settings(run_config)
+    if settings is None:
+        strategy = (run_config.get("trainer") or {}).get("strategy")
+        raise ExportError(
+            f"{config_path} is not the config of a QLoRA run (trainer.strategy is {strategy!r}), but "
+            f"{checkpoint_path} was written by one: they belong to different runs; give the checkpoint's own run"
+        )
+    check_settings(saved, settings, checkpoint_path, config_path, SETTING_PREFIX)
     adapter = adapter_from_state_dict(
         checkpoint["state_dict"], meta["peft_config"], prefix=meta["target_prefix"]
     )
 
     module = None
     if saved.base.kind == "files":
-        base_dir = _find_base_dir(saved.base, run_config, base)
+        configured = ((run_config.get("model") or {}).get("init_args") or {}).get("model_name_or_path")
+        base_dir = find_base_dir(saved.base, configured, base)
         current = files_fingerprint_with_bar(base_dir, progress)
-        _check_base(saved.base, current, checkpoint_path, "here")
+        check_base(saved.base, current, checkpoint_path, "here")
     else:
         if base is not None:
             raise ExportError(
@@ -205,24 +214,30 @@ def export_run(
         base_dir = None
         module = build_module(run_config)
         current = tensors_fingerprint(_target(module, meta))
-        _check_base(saved.base, current, checkpoint_path, f"rebuilt from {config_path.name}")
+        check_base(saved.base, current, checkpoint_path, f"rebuilt from {config_path.name}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())
+    result = ExportResult(out=out, checkpoint=checkpoint_path, base_dir=base_dir, config=config_path)
     try:
-        result = ExportResult(out=out, checkpoint=checkpoint_path, base_dir=base_dir, config=config_path)
-        if not merge:
-            base_name = str(base_dir) if base_dir else None
-            save_adapter(adapter, staging, base_name, task_type=meta.get("task_type"))
-        else:
-            result.merge, result.comparison = _merge(
-                adapter, checkpoint, run_config, base_dir, module, staging, max_shard_size, compare, progress
-            )
-        _publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        with staged_directory(out, overwrite) as staging:
+            if not merge:
+                base_name = str(base_dir) if base_dir else None
+                save_adapter(adapter, staging, base_name, task_type=meta.get("task_type"))
+            else:
+                result.merge, result.comparison = _merge(
+                    adapter,
+                    checkpoint,
+                    run_config,
+                    base_dir,
+                    module,
+                    staging,
+                    max_shard_size,
+                    compare,
+                    progress,
+                )
+    except FileExistsError:
+        raise ExportError(
+            f"--out {out} already exists; choose another directory or add --overwrite"
+        ) from None
     return result
 
 
@@ -264,8 +279,6 @@ def _compare(
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora
-
     meta = checkpoint["lightning_paged"]
     if module is None:
         module = build_module(run_config, model_name_or_path=base_dir)
@@ -284,174 +297,5 @@ def _compare(
     return compare_logits(merged, target, vocab_size=merged.config.vocab_size)
 
 
-def locate_run(path: Path, config: Path | None) -> tuple[Path, Path]:
-    """``(checkpoint, config.yaml)`` of a run directory or a checkpoint file."""
-    if not path.exists():
-        raise ExportError(f"RUN_OR_CHECKPOINT {path} does not exist")
-    if path.is_dir():
-        checkpoints = [p for p in path.rglob("*.ckpt") if p.is_file()]
-        if not checkpoints:
-            raise ExportError(f"run directory {path} holds no checkpoint (*.ckpt)")
-        last = [p for p in checkpoints if p.name == "last.ckpt"]
-        checkpoint = max(last or checkpoints, key=lambda p: p.stat().st_mtime)
-        roots = [path]
-    else:
-        checkpoint = path
-        roots = [path.parent, path.parent.parent, path.parent.parent.parent]
-    if config is not None:
-        if not config.is_file():
-            raise ExportError(f"--config {config} does not exist")
-        return checkpoint, config
-    for root in roots:
-        found = [
-            p for pattern in ("", "*/", "*/*/") for p in root.glob(f"{pattern}{CONFIG_NAME}") if p.is_file()
-        ]
-        if found:
-            return checkpoint, max(found, key=lambda p: p.stat().st_mtime)
-    raise ExportError(
-        f"no {CONFIG_NAME} found near {checkpoint}; give --config (the config.yaml LightningCLI saved in the "
-        "run's log directory)"
-    )
-
-
-def read_run_config(path: Path) -> dict[str, Any]:
-    """A LightningCLI config (``fit`` subcommand level), with interpolations resolved."""
-    import yaml
-
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as err:
-        raise ExportError(f"{path} is not valid YAML: {err}") from None
-    if isinstance(data, dict) and "model" not in data and isinstance(data.get("fit"), dict):
-        data = data["fit"]
-    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
-        raise ExportError(f"{path} is not a run config: it has no model section")
-    if "${" in path.read_text():
-        from omegaconf import OmegaConf
-
-        data = OmegaConf.to_container(OmegaConf.create(data), resolve=True)  # type: ignore[assignment]
-    return data
-
-
-def build_module(run_config: dict[str, Any], model_name_or_path: Path | None = None) -> Any:
-    """The run's LightningModule, built as LightningCLI built it (same class, arguments and seed)."""
-    from jsonargparse import ArgumentParser
-    from lightning.fabric.utilities.seed import seed_everything
-    from lightning.pytorch import LightningModule
-
-    model = copy.deepcopy(run_config["model"])
-    init_args = model.setdefault("init_args", {}) or {}
-    if model_name_or_path is not None and init_args.get("model_name_or_path"):
-        init_args["model_name_or_path"] = str(model_name_or_path)
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_subclass_arguments(LightningModule, "model", required=True)
-    try:
-        parsed = parser.parse_object({"model": model})
-        seed = run_config.get("seed_everything")
-        if isinstance(seed, int) and not isinstance(seed, bool):
-            seed_everything(seed, workers=True, verbose=False)
-        return parser.instantiate_classes(parsed)["model"]
-    except (ValueError, TypeError, ImportError, SettingError) as err:
-        raise ExportError(f"could not build the run's model from its config: {err}") from None
-
-
 def _target(module: Any, meta: dict[str, Any]) -> Any:
-    from lightning_paged.core.qlora import select_target
-
     return select_target(module, meta.get("model_attr", "auto"))
-
-
-def _check_settings(saved: Fingerprint, run_config: dict[str, Any], checkpoint: Path, config: Path) -> None:
-    """The run's strategy settings must be those the checkpoint was written with."""
-    from lightning_paged.core.qlora import QLoRAConfig
-    from lightning_paged.lightning.strategies.base import SETTING_PREFIX, qlora_config_from
-
-    strategy = (run_config.get("trainer") or {}).get("strategy")
-    if isinstance(strategy, str) and strategy in _QLORA_STRATEGIES:
-        settings = settings_of(QLoRAConfig())
-    elif isinstance(strategy, dict) and isinstance(strategy.get("init_args"), dict):
-        settings = settings_of(qlora_config_from(strategy["init_args"]))
-    else:
-        raise ExportError(
-            f"{config} is not the config of a QLoRA run (trainer.strategy is {strategy!r}), but {checkpoint} "
-            "was written by one: they belong to different runs; give the checkpoint's own run"
-        )
-    current = Fingerprint(base=saved.base, settings=settings)
-    differences = describe_differences(saved, current, SETTING_PREFIX, now="in the config")
-    if differences:
-        raise ExportError(
-            f"{checkpoint} does not belong to the run of {config}: it was written with "
-            + " and ".join(differences)
-        )
-
-
-def _find_base_dir(
-    saved: BaseFingerprint, run_config: dict[str, Any], base: str | os.PathLike | None
-) -> Path:
-    if base is not None:
-        base_dir = Path(base).expanduser()
-        if not base_dir.is_dir():
-            raise ExportError(f"--base {base_dir} does not exist or is not a directory")
-        if not weight_files(base_dir):
-            raise ExportError(f"--base {base_dir} holds no model weights (*.safetensors or *.bin)")
-        return base_dir
-    configured = ((run_config.get("model") or {}).get("init_args") or {}).get("model_name_or_path")
-    for candidate in (configured, saved.source):
-        if candidate and Path(candidate).expanduser().is_dir() and weight_files(Path(candidate).expanduser()):
-            return Path(candidate).expanduser()
-    raise ExportError(
-        f"the base model was loaded from {saved.source}, which holds no model weights here; give --base with "
-        "the directory of the same base model"
-    )
-
-
-def files_fingerprint_with_bar(base_dir: Path, progress: bool) -> BaseFingerprint:
-    total = sum(p.stat().st_size for p in weight_files(base_dir))
-    with progress_bar("checking base weights", total, progress) as advance:
-        return files_fingerprint(base_dir, on_bytes=advance)
-
-
-def _check_base(saved: BaseFingerprint, current: BaseFingerprint, checkpoint: Path, what: str) -> None:
-    differences = describe_differences(Fingerprint(saved, {}), Fingerprint(current, {}), now=what)
-    if differences:
-        raise ExportError(f"{checkpoint} does not fit this base model: it was written with {differences[0]}")
-
-
-def _publish(staging: Path, out: Path, overwrite: bool) -> None:
-    """Move the finished output into place; an existing ``out`` is replaced only with ``overwrite``."""
-    if not out.exists() and not out.is_symlink():
-        os.replace(staging, out)
-        return
-    if not overwrite:
-        raise ExportError(f"--out {out} already exists; choose another directory or add --overwrite")
-    old = out.with_name(f".{out.name}.replaced-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(staging, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    if old.is_dir() and not old.is_symlink():
-        shutil.rmtree(old)
-    else:
-        old.unlink()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def parse_size(text: str) -> int:
-    """``"5GB"``, ``"500MB"``, ``"2GiB"`` or a number of bytes."""
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", str(text), flags=re.IGNORECASE)
-    if not match:
-        raise SettingError("--max-shard-size", text, "must be a size such as 5GB, 500MB or 2GiB")
-    number, unit = float(match.group(1)), (match.group(2) or "B").upper()
-    powers = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-    powers |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    size = int(number * powers[unit])
-    if size <= 0:
-        raise SettingError("--max-shard-size", text, "must be positive")
-    return size

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lightning_paged.cli import main
+from lightning_paged.commands.main import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 TINY = str(ROOT / "examples" / "tiny_cpu.yaml")
 

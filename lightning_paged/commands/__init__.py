@@ -1,0 +1,1 @@
+"""The ``lightning-paged`` command and its subcommands: thin layers over the core."""

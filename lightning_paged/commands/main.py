@@ -1,0 +1,47 @@
+"""The ``lightning-paged`` command: LightningCLI for fit/validate/test/predict, plus report and export.
+
+``lightning-paged fit ...`` (and validate, test, predict) run :mod:`lightning_paged.lightning.cli`;
+``report`` and ``export`` are the commands of :mod:`lightning_paged.commands.report` and
+:mod:`lightning_paged.commands.export`. ``python -m lightning_paged`` is the same command.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning_paged.core.errors import SettingError
+
+EXTRA_COMMANDS = {
+    "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
+    "export": "write a PEFT adapter directory or a merged model from a run (lightning-paged export RUN --out DIR)",
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``lightning-paged`` and ``python -m lightning_paged``."""
+    from_console = argv is None
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "report":
+        from lightning_paged.commands import report
+
+        return report.main(argv[1:])
+    if argv and argv[0] == "export":
+        from lightning_paged.commands import export
+
+        return export.main(argv[1:])
+    from lightning_paged.lightning.cli import DESCRIPTION, cli_main, located
+
+    description = (
+        DESCRIPTION + " Other commands: " + "; ".join(f"{k}: {v}" for k, v in EXTRA_COMMANDS.items())
+    )
+    try:
+        # From the console LightningCLI reads sys.argv itself (and warns when handed it as args).
+        cli_main(None if from_console else argv, description=description)
+    except SettingError as err:
+        print(f"lightning-paged: error: {located(err)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""The bitsandbytes side of the conversion: one ``nn.Linear`` to a frozen ``Linear4bit``, and back to training.
+
+Framework-free helpers of :mod:`lightning_paged.core.qlora`: quantizing a layer on its target
+device, the dtypes of everything that stays in floating point, activation checkpointing, and
+undoing bitsandbytes' CPU inference repacking.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Literal, get_args
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from lightning_paged.core.qlora import QLoRAConfig
+
+ComputeDtype = Literal["bfloat16", "float16", "float32"]
+"""Data types the 4-bit matmuls can run in."""
+StorageDtype = Literal["uint8", "bfloat16", "float16", "float32"]
+"""Storage types of packed 4-bit weights."""
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(ComputeDtype)}
+STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(StorageDtype)}
+
+
+def quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device) -> nn.Module:
+    import bitsandbytes as bnb
+
+    compute_dtype = DTYPES[config.compute_dtype]
+    new = bnb.nn.Linear4bit(
+        linear.in_features,
+        linear.out_features,
+        bias=linear.bias is not None,
+        compute_dtype=compute_dtype,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=STORAGE_DTYPES[config.quant_storage],
+        device="meta",
+    )
+    weight = bnb.nn.Params4bit(
+        linear.weight.data,
+        requires_grad=False,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=STORAGE_DTYPES[config.quant_storage],
+        module=new,
+    )
+    new.weight = weight.to(device)  # type: ignore[misc]  # quantizes on the target device
+    # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
+    # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
+    # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.
+    new.support_avx512bf16_for_cpu = False
+    if linear.bias is not None:
+        new.bias = nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
+    return new
+
+
+def quantized_weight_bytes(layer: nn.Module) -> int:
+    """Bytes of a ``Linear4bit`` weight: packed data plus its absmax constants (code tables excluded)."""
+    weight: Any = layer.weight
+    total = weight.data.numel() * weight.data.element_size()
+    state = getattr(weight, "quant_state", None)
+    if state is not None:
+        total += state.absmax.numel() * state.absmax.element_size()
+        if state.nested:
+            total += state.state2.absmax.numel() * state.state2.absmax.element_size()
+            total += state.offset.numel() * state.offset.element_size()
+    return total
+
+
+def set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+def _cast_back_to_input_dtype(module: nn.Module, args: tuple, output: object) -> object:
+    if (
+        args
+        and isinstance(args[0], torch.Tensor)
+        and isinstance(output, torch.Tensor)
+        and output.dtype != args[0].dtype
+    ):
+        return output.to(args[0].dtype)
+    return output
+
+
+def place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.device) -> None:
+    """Own the dtype of every weight that stays in floating point.
+
+    Embeddings, head and biases take ``compute_dtype`` (float32 with ``upcast_non_quantized``).
+    Norm weights are kept in float32 for stability, with their output cast back to the input's
+    dtype so activations stay in ``compute_dtype``.
+    """
+    import bitsandbytes as bnb
+
+    floating = torch.float32 if config.upcast_non_quantized else DTYPES[config.compute_dtype]
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            continue
+        norm = _is_norm(module)
+        for param in module.parameters(recurse=False):
+            if param.is_floating_point():
+                dtype = torch.float32 if norm else floating
+                param.data = param.data.to(device=device, dtype=dtype)
+        if norm and not config.upcast_non_quantized:
+            module.register_forward_hook(_cast_back_to_input_dtype)
+
+
+def enable_checkpointing(model: Any) -> bool:
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        return False
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers < 5
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if hasattr(model, "enable_input_require_grads"):
+        model.enable_input_require_grads()
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "use_cache"):
+        config.use_cache = False
+    return True
+
+
+def param_count(param: torch.Tensor) -> int:
+    shape = getattr(getattr(param, "quant_state", None), "shape", None)
+    return int(torch.Size(shape).numel()) if shape is not None else param.numel()
+
+
+def linear4bit_layers(model: nn.Module) -> list[nn.Module]:
+    import bitsandbytes as bnb
+
+    return [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+
+
+def restore_training_layout(layers: Iterable[nn.Module]) -> int:
+    """Undo bitsandbytes' CPU repacking of 4-bit weights; returns how many layers it undid.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` forward in eval or no-grad mode repacks its weight
+    in place for fast inference. Training on such a weight fails or silently loses input gradients,
+    so any validation or generation on CPU must be followed by this before the next training step.
+    """
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    restored = 0
+    for layer in layers:
+        weight: Any = layer.weight
+        state = getattr(weight, "quant_state", None)
+        if state is not None and getattr(state, "packing_format_for_cpu", False):
+            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            layer.quant_state = weight.quant_state
+            restored += 1
+    return restored

@@ -1,0 +1,56 @@
+"""Settings objects from what users write: a dataclass instance, a mapping of its fields, or None.
+
+One rule for every front door (Lightning strategies, Fabric, Accelerate, the export command):
+unknown keys are named with their place in the user's config, and the first bad value is named
+by :meth:`validate`. :func:`closest` is the one "did you mean" of the project.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Mapping
+from dataclasses import fields
+from typing import Any, TypeVar
+
+from lightning_paged.core.errors import SettingError
+
+T = TypeVar("T")
+
+
+def close_matches(word: str, choices: Iterable[str], n: int = 1, cutoff: float = 0.5) -> list[str]:
+    """Up to ``n`` choices near enough to ``word`` to be what a typo of it meant, nearest first."""
+    return difflib.get_close_matches(word, list(choices), n=n, cutoff=cutoff)
+
+
+def did_you_mean(word: str, choices: Iterable[str], template: str = " Did you mean {!r}?") -> str:
+    """``template`` filled with the closest choice, or ``""`` when none is close."""
+    match = close_matches(word, choices)
+    return template.format(match[0]) if match else ""
+
+
+def settings_from_mapping(cls: type[T], value: Any, where: str) -> T:
+    """A validated ``cls`` (a settings dataclass with ``validate()``) from an instance, a mapping or None.
+
+    ``where`` is the settings' place in the user's config, with a trailing dot (``"qlora."``,
+    ``"model.optimizer."``): an unknown key or a bad value is reported as ``<where><name>``.
+    """
+    if isinstance(value, Mapping):
+        names = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = [key for key in value if key not in names]
+        if unknown:
+            raise SettingError(
+                f"{where}{unknown[0]}",
+                value[unknown[0]],
+                f"is not a setting of {cls.__name__}; its settings: " + ", ".join(names),
+            )
+        value = cls(**value)
+    config = cls() if value is None else value
+    if not isinstance(config, cls):
+        raise SettingError(
+            where.rstrip("."), type(value).__name__, f"must be {cls.__name__}(...) or a dict of its fields"
+        )
+    try:
+        config.validate()  # type: ignore[attr-defined]
+    except SettingError as err:
+        raise err.located(where) from None
+    return config

@@ -1,0 +1,199 @@
+"""CPU stand-ins for what only a CUDA GPU has, shipped once for the tests and the benchmarks.
+
+- :class:`HostMemory`: managed memory stood in for by host tensors marked paged, so the paging
+  policy, the pool, coverage and re-paging run on CPU;
+- :class:`FakeProbe`: device memory as numbers, for the pressure source;
+- :class:`FakeCupti`: the ``cupti.cupti`` module of cupti-python, delivering synthetic
+  unified-memory counter records.
+
+Each replaces a real seam (``ManagedMemory``, ``MemoryProbe``, the CUPTI binding); the code
+above the seam is the code that runs on a GPU.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from types import SimpleNamespace
+
+import torch
+
+from lightning_paged.core.eviction.sources import MemorySample
+from lightning_paged.core.paging import ManagedMemory
+
+MIB = 1024 * 1024
+GIB = 1024 * MIB
+
+
+class HostMemory(ManagedMemory):
+    """Managed memory stood in for by host tensors marked paged, counting what is asked of it.
+
+    Fresh buffers hold garbage (``0xAB``), as fresh device memory would, so a caller that forgets
+    to zero them is caught.
+    """
+
+    def unavailable_reason(self, device: torch.device) -> str | None:
+        return None
+
+    def allocate(self, nbytes: int, device: torch.device) -> torch.Tensor:
+        self.allocations += 1
+        self.allocated_bytes += nbytes
+        buffer = torch.full((nbytes,), 0xAB, dtype=torch.uint8)
+        buffer.is_paged = True  # type: ignore[attr-defined]
+        buffer.page_deviceid = 0  # type: ignore[attr-defined]
+        return buffer
+
+    def zero_(self, buffer: torch.Tensor) -> None:
+        buffer.zero_()
+
+    def prefetch(self, tensor: torch.Tensor) -> None:
+        if not getattr(tensor, "is_paged", False):
+            raise ValueError("prefetch of a tensor that is not in paged memory")
+        self.prefetches += 1
+
+
+class FakeProbe:
+    """Device memory as a few numbers: managed pages resident, allocator reserve, PCIe counters.
+
+    A :class:`~lightning_paged.core.eviction.sources.MemoryProbe` for the pressure source off-GPU:
+    :meth:`evict` and :meth:`page_in` move managed pages the way an activation spike and the
+    optimizer's next touch would, and every :meth:`sample` sees the result.
+    """
+
+    def __init__(
+        self, total: int = 16 * GIB, resident: int = 4 * GIB, reserved: int = 2 * GIB, pcie: bool = False
+    ) -> None:
+        self.total, self.resident, self.reserved = total, resident, reserved
+        self.retries = self.ooms = 0
+        self.rx = self.tx = 0 if pcie else None
+        self.samples = 0
+        self.syncs = 0
+
+    def sample(self) -> MemorySample:
+        self.samples += 1
+        free = self.total - self.resident - self.reserved
+        return MemorySample(free, self.total, self.reserved, self.retries, self.ooms, self.rx, self.tx)
+
+    def synchronize(self) -> None:
+        self.syncs += 1
+
+    def evict(self, n: int) -> None:
+        """An activation spike pushes ``n`` bytes of managed pages out to the host."""
+        self.resident -= n
+        self.reserved += n
+        if self.tx is not None:
+            self.tx += n
+
+    def page_in(self, n: int) -> None:
+        """The optimizer touches its state again: ``n`` bytes come back."""
+        self.resident += n
+        self.reserved -= n
+        if self.rx is not None:
+            self.rx += n
+
+
+class CuptiResult(
+    enum.IntEnum
+):  # values of CUptiResult (cupti_result.h), names as cupti.cupti.Result has them
+    SUCCESS = 0
+    ERROR_UM_PROFILING_NOT_SUPPORTED = 30
+    ERROR_UM_PROFILING_NOT_SUPPORTED_ON_DEVICE = 31
+
+
+class FakeCupti:
+    """Stands in for the ``cupti.cupti`` module: the names and call shapes of cupti-python 13.4.
+
+    Records are delivered to the registered buffer-completed callback as attribute objects, as the
+    bindings do, when ``activity_flush_all`` runs. ``now`` is the CUPTI clock in nanoseconds.
+    """
+
+    class cuptiError(Exception):
+        def __init__(self, status: int) -> None:
+            super().__init__(f"CUPTI error {status}")
+            self.status = status
+
+    Result = CuptiResult
+    ActivityKind = SimpleNamespace(UNIFIED_MEMORY_COUNTER=25, MEMCPY=1)
+    ActivityUnifiedMemoryCounterKind = SimpleNamespace(
+        BYTES_TRANSFER_HTOD=1, BYTES_TRANSFER_DTOH=2, GPU_PAGE_FAULT=4, THRASHING=5
+    )
+    ActivityUnifiedMemoryCounterScope = SimpleNamespace(PROCESS_SINGLE_DEVICE=1)
+
+    class _Config:
+        """``ActivityUnifiedMemoryCounterConfig(count)``: array fields set on it, ``kind`` per element."""
+
+        def __init__(self, count: int) -> None:
+            self.items = [SimpleNamespace(kind=None) for _ in range(count)]
+            self.scope = self.device_id = self.enable = None
+            self.ptr = id(self)
+
+        def __getitem__(self, i: int) -> SimpleNamespace:
+            return self.items[i]
+
+    def __init__(self, refuse: CuptiResult | None = None) -> None:
+        self.refuse = refuse
+        self.now = 0
+        self.pending: list[SimpleNamespace] = []
+        self.completed = None
+        self.enabled: set[int] = set()
+        self.configured: list[list[int]] = []
+        self.flushes = 0
+        self._configs: dict[int, FakeCupti._Config] = {}
+
+    def ActivityUnifiedMemoryCounterConfig(self, count: int) -> _Config:
+        config = self._Config(count)
+        self._configs[config.ptr] = config
+        return config
+
+    def activity_configure_unified_memory_counter(self, ptr: int, count: int) -> None:
+        if self.refuse is not None:
+            raise self.cuptiError(self.refuse)
+        config = self._configs[ptr]
+        assert config.scope == 1 and config.enable == 1 and len(config.items) == count
+        self.configured.append([item.kind for item in config.items])
+
+    def activity_register_callbacks(self, requested, completed) -> None:
+        size, max_records = requested()
+        assert size > 0 and max_records == 0
+        self.completed = completed
+
+    def activity_enable(self, kind: int) -> None:
+        self.enabled.add(kind)
+
+    def activity_disable(self, kind: int) -> None:
+        self.enabled.discard(kind)
+
+    def activity_flush_all(self, flag: int) -> None:
+        assert flag == 1
+        self.flushes += 1
+        records, self.pending = self.pending, []
+        if self.completed is not None and records:
+            self.completed(records)
+
+    def get_timestamp(self) -> int:
+        return self.now
+
+    def emit(self, counter_kind: int, value: int, start: int, cause: int = 0) -> None:
+        """A ``UNIFIED_MEMORY_COUNTER`` record with the fields of ``ActivityUnifiedMemoryCounter3``."""
+        if 25 in self.enabled:
+            self.pending.append(
+                SimpleNamespace(
+                    kind=25,
+                    counter_kind=counter_kind,
+                    value=value,
+                    start=start,
+                    end=start + 10,
+                    address=0x7F0000000000,
+                    src_id=0,
+                    dst_id=0xFFFFFFFF,
+                    flags_=cause,
+                    process_id=os.getpid(),
+                    stream_id=0,
+                    pad=0,
+                    processors=[0] * 5,
+                )
+            )
+
+
+def fake_cupti(refuse: CuptiResult | None = None) -> FakeCupti:
+    return FakeCupti(refuse)
