@@ -19,7 +19,7 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from lightning_paged.core.export import (
     save_adapter,
 )
 from lightning_paged.core.fingerprint import Fingerprint, tensors_fingerprint
-from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora, select_target
+from lightning_paged.core.qlora import convert_to_qlora, qlora_config_from_init_args, select_target
 from lightning_paged.core.run_checks import (
     check_base,
     check_settings,
@@ -283,8 +283,10 @@ def _compare(
     if module is None:
         module = build_module(run_config, model_name_or_path=base_dir)
     target = _target(module, meta)
-    settings = {f.name: meta["qlora"][f.name] for f in fields(QLoRAConfig) if f.name in meta["qlora"]}
-    convert_to_qlora(target, QLoRAConfig(**{**settings, "gradient_checkpointing": False}), device="cpu")
+    settings = qlora_config_from_init_args(
+        {**meta["qlora"], "gradient_checkpointing": False}, "checkpoint qlora."
+    )
+    convert_to_qlora(target, settings, device="cpu")
     prefix = meta["target_prefix"]
     state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     loaded = target.load_state_dict(state, strict=False)

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_paged.core.adapters import adapter_state_dict, load_adapter_state_dict
+from lightning_paged.core.devices import check_one_device, chosen_device
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_model, is_qlora, qlora_config
 
@@ -153,21 +154,18 @@ class PagedQLoRAFabricStrategy(_QLoRAFabricMixin, SingleDeviceStrategy):
 
     @parallel_devices.setter
     def parallel_devices(self, devices: list[torch.device] | None) -> None:
-        if not self._explicit_device and devices and len(devices) > 1:
-            raise SettingError(
-                "devices",
-                len(devices),
-                "is more than one device, which paged_qlora cannot use; use strategy='paged_qlora_ddp' "
-                "for data parallel training, or devices=1",
-            )
+        if not self._explicit_device:
+            check_one_device(devices, "devices")
         self._parallel_devices = devices
 
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._explicit_device and self._parallel_devices:
-            return torch.device(self._parallel_devices[0])
-        return self._root_device
+        return (
+            self._root_device
+            if self._explicit_device
+            else chosen_device(self._parallel_devices, self._root_device)
+        )
 
     @classmethod
     @override

@@ -16,12 +16,10 @@ from typing_extensions import override
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.run import (
-    LOG_NAME,
     check_monitor_settings,
-    gather_summaries,
-    rank_path,
+    event_log_path,
     record_metrics,
-    write_summary,
+    share_summary,
 )
 from lightning_paged.core.eviction.sources import MemoryProbe, SourceSetting
 from lightning_paged.core.eviction.summary import Summary
@@ -112,8 +110,7 @@ class EvictionMonitor(Callback):
             return
         log_dir = trainer.log_dir or trainer.default_root_dir  # log_dir broadcasts: every rank calls it
         self._log_dir = Path(log_dir)
-        base = Path(self.log_path) if self.log_path else self._log_dir / LOG_NAME
-        self.path = rank_path(base, trainer.global_rank, trainer.world_size)
+        self.path = event_log_path(self._log_dir, self.log_path, trainer.global_rank, trainer.world_size)
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -172,9 +169,9 @@ class EvictionMonitor(Callback):
             return
         self.summary = self.recorder.close()
         self.recorder = None
-        summaries = gather_summaries(self.summary, trainer.world_size)
+        text = share_summary(self.summary, trainer.global_rank, trainer.world_size, self._log_dir)
         if trainer.is_global_zero:
-            rank_zero_info(write_summary(summaries, self._log_dir))
+            rank_zero_info(text)
 
     @override
     def on_exception(

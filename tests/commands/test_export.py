@@ -62,7 +62,7 @@ def train_run(run_dir: Path, init_args: dict, settings: dict, seed: int = 0) -> 
     config = {
         "seed_everything": seed,
         "trainer": {"strategy": {"class_path": "lightning_paged.PagedQLoRAStrategy", "init_args": settings}},
-        "model": {"class_path": "test_export.RunModule", "init_args": init_args},
+        "model": {"class_path": f"{RunModule.__module__}.RunModule", "init_args": init_args},
     }
     (run_dir / "logs" / "version_0").mkdir(parents=True)
     (run_dir / "logs" / "version_0" / "config.yaml").write_text(yaml.safe_dump(config))

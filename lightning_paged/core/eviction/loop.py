@@ -17,12 +17,10 @@ import torch
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.records import StepRecord
 from lightning_paged.core.eviction.run import (
-    LOG_NAME,
     check_monitor_settings,
-    gather_summaries,
-    rank_path,
+    event_log_path,
     record_metrics,
-    write_summary,
+    share_summary,
 )
 from lightning_paged.core.eviction.sources import MemoryProbe, SourceSetting
 from lightning_paged.core.eviction.summary import Summary
@@ -70,7 +68,7 @@ class LoopEvictionMonitor:
         self.log_dir = Path(log_dir)
         self.rank = rank
         self.world_size = world_size
-        self.path = rank_path(Path(log_path) if log_path else self.log_dir / LOG_NAME, rank, world_size)
+        self.path = event_log_path(self.log_dir, log_path, rank, world_size)
         self.summary: Summary | None = None
         """This rank's summary, once :meth:`close` ran."""
         self.recorder = EvictionRecorder.open(
@@ -111,8 +109,7 @@ class LoopEvictionMonitor:
         """Stop recording; on rank zero print and write every rank's summary. Returns the text on every rank."""
         if self.summary is None:
             self.summary = self.recorder.close()
-        summaries = gather_summaries(self.summary, self.world_size)
-        text = write_summary(summaries, self.log_dir if self.rank == 0 else None)
+        text = share_summary(self.summary, self.rank, self.world_size, self.log_dir)
         if self.rank == 0:
             print(text)
         return text

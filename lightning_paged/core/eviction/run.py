@@ -6,6 +6,7 @@ the same files under the same names, log the same metric keys and refuse the sam
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,15 @@ def write_summary(summaries: list[Summary], log_dir: Path | None) -> str:
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / SUMMARY_NAME).write_text(text + "\n", encoding="utf-8")
     return text
+
+
+def event_log_path(
+    log_dir: Path, log_path: str | os.PathLike[str] | None, rank: int, world_size: int
+) -> Path:
+    """This rank's event log: ``log_path``, else ``<log_dir>/eviction_events.jsonl``; per rank when several."""
+    return rank_path(Path(log_path) if log_path else log_dir / LOG_NAME, rank, world_size)
+
+
+def share_summary(summary: Summary, rank: int, world_size: int, log_dir: Path | None) -> str:
+    """Every rank's summary as one text, on every rank (a collective); rank zero also writes it to ``log_dir``."""
+    return write_summary(gather_summaries(summary, world_size), log_dir if rank == 0 else None)

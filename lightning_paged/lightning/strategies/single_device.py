@@ -10,7 +10,7 @@ from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
-from lightning_paged.core.errors import SettingError
+from lightning_paged.core.devices import check_one_device, chosen_device
 from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
 from lightning_paged.core.qlora import QLoRAConfig, QuantType
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
@@ -88,19 +88,16 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        if not self._explicit_device and self.parallel_devices:
-            return torch.device(self.parallel_devices[0])
-        return self._root_device
+        return (
+            self._root_device
+            if self._explicit_device
+            else chosen_device(self.parallel_devices, self._root_device)
+        )
 
     @override
     def setup_environment(self) -> None:
-        if not self._explicit_device and self.parallel_devices and len(self.parallel_devices) > 1:
-            raise SettingError(
-                "trainer.devices",
-                len(self.parallel_devices),
-                "is more than one device, which paged_qlora cannot use; "
-                "use strategy='paged_qlora_ddp' for data parallel training, or devices=1",
-            )
+        if not self._explicit_device:
+            check_one_device(self.parallel_devices, "trainer.devices")
         super().setup_environment()
 
     @override
