@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 import sys
@@ -97,3 +98,15 @@ def assert_ranks_agree(out_dir: Path) -> dict[str, torch.Tensor]:
         torch.testing.assert_close(lora0[name], lora1[name], rtol=0, atol=0, msg=name)
     assert any(t.abs().sum() > 0 for n, t in lora0.items() if "lora_B" in n)  # it trained
     return lora0
+
+
+def failing_torch_save(real_save):
+    """torch.save that writes half of the checkpoint, then fails like a full disk."""
+
+    def save(obj, file, *args, **kwargs):
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        raise OSError(28, "No space left on device")
+
+    return save

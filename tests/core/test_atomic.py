@@ -1,10 +1,14 @@
-"""Directories that appear complete or not at all."""
+"""Files and directories that appear complete or not at all."""
 
 from __future__ import annotations
 
-import pytest
+import os
 
-from lightning_paged.core.atomic import staged_directory
+import pytest
+import torch
+from conftest import failing_torch_save
+
+from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file, staged_directory
 
 
 def test_a_staged_directory_is_published_whole_and_a_failure_leaves_nothing(tmp_path):
@@ -30,3 +34,13 @@ def test_an_existing_directory_is_replaced_only_with_overwrite(tmp_path):
         (staging / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging or replaced copy left
+
+
+def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "model.ckpt"
+    save_checkpoint_file({"step": 1, "w": torch.ones(1000)}, path)
+    monkeypatch.setattr(torch, "save", failing_torch_save(torch.save))
+    with pytest.raises(OSError, match="No space left"):
+        save_checkpoint_file({"step": 2, "w": torch.zeros(1000)}, path)
+    assert os.listdir(tmp_path) == ["model.ckpt"]  # no partial file left behind
+    assert read_checkpoint(path)["step"] == 1

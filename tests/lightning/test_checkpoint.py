@@ -1,30 +1,24 @@
-"""Checkpoints you can trust: base fingerprint, exact resume, atomic writes, clear errors on bad files."""
+"""Checkpoints of the Lightning strategies: fingerprint checked on resume, exact resume, atomic saves, clear errors."""
 
 from __future__ import annotations
 
-import io
 import os
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import failing_torch_save, tiny_llama_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
-from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, save_checkpoint_file
+from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint
 from lightning_paged.core.fingerprint import (
     CheckpointMismatchError,
-    default_cache_file,
-    files_fingerprint,
     tensors_fingerprint,
 )
 from lightning_paged.core.sampling import (
     ResumableSampler,
-    capture_rng_state,
-    restore_rng_state,
-    resume_dataloader,
 )
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies import PagedQLoRAStrategy
@@ -214,65 +208,6 @@ def test_settings_that_do_not_change_the_weights_may_change_on_resume(saved_run)
     assert t.global_step == 2 and len(module.losses) == 1
 
 
-def test_base_directory_fingerprint_names_the_files_that_differ_and_is_cached(tmp_path):
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_config())
-    model.save_pretrained(tmp_path / "a", max_shard_size="40KB")
-    shards = sorted(p.name for p in (tmp_path / "a").glob("*.safetensors"))
-    assert len(shards) > 1
-    saved = files_fingerprint(tmp_path / "a")
-    assert saved.kind == "files" and set(saved.files) == set(shards)
-
-    with torch.no_grad():
-        model.model.layers[0].mlp.down_proj.weight.add_(1e-3)  # one layer retrained
-    model.save_pretrained(tmp_path / "b", max_shard_size="40KB")
-    other = files_fingerprint(tmp_path / "b")
-    changed = [n for n in shards if saved.files[n] != other.files[n]]
-    assert len(changed) == 1
-    from lightning_paged.core.fingerprint import Fingerprint, describe_differences
-
-    (difference,) = describe_differences(Fingerprint(saved, {}), Fingerprint(other, {}))
-    assert f"in the checkpoint: loaded from {tmp_path / 'a'}" in difference
-    assert (
-        f"now: loaded from {tmp_path / 'b'}" in difference
-        and f"different content: {changed[0]}" in difference
-    )
-
-    # Cached by (path, size, mtime): a rewrite that keeps both is not re-read; a touched file is.
-    shard = tmp_path / "a" / shards[0]
-    stat = shard.stat()
-    content = bytearray(shard.read_bytes())
-    content[-1] ^= 0xFF
-    shard.write_bytes(bytes(content))
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert files_fingerprint(tmp_path / "a").files[shards[0]] == saved.files[shards[0]]
-    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
-    assert files_fingerprint(tmp_path / "a").files[shards[0]] != saved.files[shards[0]]
-    assert default_cache_file().is_file()
-
-
-def _failing_save(real_save):
-    """torch.save that writes half of the checkpoint, then fails like a full disk."""
-
-    def save(obj, file, *args, **kwargs):
-        buffer = io.BytesIO()
-        real_save(obj, buffer, *args, **kwargs)
-        file.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
-        raise OSError(28, "No space left on device")
-
-    return save
-
-
-def test_failed_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
-    path = tmp_path / "model.ckpt"
-    save_checkpoint_file({"step": 1, "w": torch.ones(1000)}, path)
-    monkeypatch.setattr(torch, "save", _failing_save(torch.save))
-    with pytest.raises(OSError, match="No space left"):
-        save_checkpoint_file({"step": 2, "w": torch.zeros(1000)}, path)
-    assert os.listdir(tmp_path) == ["model.ckpt"]  # no partial file left behind
-    assert read_checkpoint(path)["step"] == 1
-
-
 class FailSavesFrom(pl.Callback):
     """Makes every checkpoint write from step ``step`` on fail halfway (runs before ModelCheckpoint)."""
 
@@ -281,7 +216,7 @@ class FailSavesFrom(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if trainer.global_step == self.step:
-            self.monkeypatch.setattr(torch, "save", _failing_save(torch.save))
+            self.monkeypatch.setattr(torch, "save", failing_torch_save(torch.save))
 
 
 def test_save_failure_during_training_keeps_last_good_checkpoint_resumable(tmp_path, monkeypatch):
@@ -315,50 +250,3 @@ def test_missing_or_truncated_checkpoint_is_named_clearly(saved_run, tmp_path):
     (tmp_path / "empty.ckpt").touch()
     with pytest.raises(CheckpointReadError, match="is empty"):
         read_checkpoint(tmp_path / "empty.ckpt")
-
-
-def test_resumable_sampler_order_depends_on_seed_and_epoch_only():
-    data = list(range(11))
-    sampler = ResumableSampler(data, seed=5)
-    epoch0 = list(sampler)
-    sampler.set_epoch(1)
-    epoch1 = list(sampler)
-    assert sorted(epoch0) == sorted(epoch1) == data and epoch0 != epoch1
-    fresh = ResumableSampler(data, seed=5)
-    fresh.resume(1, 4)
-    assert list(fresh) == epoch1[4:]
-    assert list(fresh) == epoch1  # the start applies to one iteration only
-    other = ResumableSampler(data, seed=6)
-    other.load_state_dict({"epoch": 1, "start": 0, "seed": 6})
-    assert list(other) != epoch1
-    with pytest.raises(ValueError, match="seed 5 but this sampler uses seed 6"):
-        other.load_state_dict(fresh.state_dict())
-    ranks = [list(ResumableSampler(data, seed=5, num_replicas=2, rank=r, drop_last=True)) for r in (0, 1)]
-    assert len(ranks[0]) == len(ranks[1]) == 5 and not set(ranks[0]) & set(ranks[1])
-
-
-def test_resume_dataloader_continues_with_the_remaining_batches():
-    data = list(range(10))
-    straight = DataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=1))
-    straight.sampler.set_epoch(2)
-    expected = [b.tolist() for b in straight]
-    resumed = DataLoader(data, batch_size=3, sampler=ResumableSampler(data, seed=1))
-    assert resume_dataloader(resumed, epoch=2, batches=2)
-    assert [b.tolist() for b in resumed] == expected[2:]
-    unbatched = DataLoader(data, batch_size=None, sampler=ResumableSampler(data, seed=1))
-    assert resume_dataloader(unbatched, epoch=0, batches=7) and len(list(unbatched)) == 3
-    assert not resume_dataloader(DataLoader(data, batch_size=3, shuffle=True), epoch=0, batches=1)
-
-
-def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
-    import random
-
-    import numpy as np
-
-    state = capture_rng_state()
-    drawn = (torch.rand(3), random.random(), np.random.rand())
-    torch.save(state, tmp_path / "rng.pt")
-    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
-    assert (
-        torch.equal(torch.rand(3), drawn[0]) and random.random() == drawn[1] and np.random.rand() == drawn[2]
-    )
