@@ -7,7 +7,11 @@ by :meth:`validate`. :func:`closest` is the one "did you mean" of the project.
 
 from __future__ import annotations
 
+import ast
 import difflib
+import inspect
+import itertools
+import textwrap
 from collections.abc import Iterable, Mapping
 from dataclasses import fields
 from typing import Any, TypeVar
@@ -54,3 +58,26 @@ def settings_from_mapping(cls: type[T], value: Any, where: str) -> T:
     except SettingError as err:
         raise err.located(where) from None
     return config
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each field of a dataclass (read from its source), by field name."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(after.value.value)
+    return docs
+
+
+def args_section(docs: dict[str, str], indent: str = "    ") -> str:
+    """Google-style ``Args:`` lines for ``docs`` (name to description), for a docstring built at import."""
+    lines = [f"{indent}{indent}{name}: {' '.join(text.split())}" for name, text in docs.items()]
+    return f"\n\n{indent}Args:\n" + "\n".join(lines) + "\n"

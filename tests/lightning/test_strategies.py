@@ -361,3 +361,21 @@ def test_strategy_signatures_cover_every_qlora_setting():
     names = {f.name for f in fields(QLoRAConfig)}
     for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy):
         assert names <= set(signature(cls.__init__).parameters), cls
+
+
+@pytest.mark.parametrize("cls", [PagedQLoRAStrategy, PagedQLoRADDPStrategy], ids=lambda c: c.__name__)
+def test_cli_help_of_both_strategies_shows_each_qlora_setting_with_its_docstring(cls, capsys):
+    from dataclasses import fields
+
+    from lightning_paged import QLoRAConfig
+    from lightning_paged.commands.main import main
+    from lightning_paged.core.settings import field_docs
+
+    with pytest.raises(SystemExit):
+        main(["fit", "--trainer.strategy.help", f"lightning_paged.{cls.__name__}"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    docs = field_docs(QLoRAConfig)
+    assert set(docs) == {f.name for f in fields(QLoRAConfig)}
+    for name, doc in docs.items():
+        first_words = " ".join(doc.split()[:4])
+        assert f"--trainer.strategy.{name}" in help_text and first_words in help_text, name

@@ -34,6 +34,7 @@ from lightning_paged.core.qlora import (
     qlora_config_from_init_args,
     select_target,
 )
+from lightning_paged.core.settings import args_section, field_docs
 from lightning_paged.lightning.resume import ResumeTracker
 
 SETTING_PREFIX = "trainer.strategy.init_args."
@@ -52,7 +53,10 @@ class QLoRAStrategyMixin:
 
     That point comes after the module's own ``setup``/``configure_model`` and before the device
     move, DDP wrapping and optimizer creation. Checkpoints hold only the trainable (adapter)
-    weights, so they are restored after setup, once the adapters exist.
+    weights, so they are restored after setup, once the adapters exist. The QLoRA settings are
+    flat init arguments of both strategies, one per :class:`QLoRAConfig` field; their
+    descriptions below are QLoRAConfig's, added at import (LightningCLI's ``--help`` reads them
+    from here for both strategies).
     """
 
     qlora: QLoRAConfig
@@ -170,6 +174,11 @@ class QLoRAStrategyMixin:
         restore_training_layout(self._layers4bit)
         self._resume.before_first_batch()
         super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+
+QLoRAStrategyMixin.__doc__ = (QLoRAStrategyMixin.__doc__ or "").rstrip() + args_section(
+    field_docs(QLoRAConfig)
+)
 
 
 def _adapter_info(module: torch.nn.Module, target: torch.nn.Module) -> dict[str, Any]:

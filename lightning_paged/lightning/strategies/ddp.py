@@ -33,6 +33,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
     the trained adapters.
 
     Args:
+        model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
         find_unused_parameters: Needed when some adapted layer is not used in every forward.
         process_group_backend: ``"nccl"``, ``"gloo"``; by default the accelerator's.
         timeout: Collective timeout.

@@ -32,20 +32,10 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     held in it, norms and adapters in float32. ``Trainer(precision=...)`` may stay ``"32-true"`` or
     be ``"bf16-mixed"``; true half precision is refused (casting would corrupt the 4-bit weights).
 
+    Every field of :class:`~lightning_paged.QLoRAConfig` is an init argument of the same name,
+    type and default (``quant_type``, ``lora_r``, ...), described there.
+
     Args:
-        quant_type: 4-bit data type of the frozen base weights.
-        double_quant: Quantize the quantization constants too.
-        compute_dtype: Data type of the 4-bit matmuls and of the non-quantized weights.
-        quant_storage: Storage type of the packed 4-bit weights.
-        skip_modules: Linear layers left unquantized and unadapted (names or suffixes); default ``["lm_head"]``.
-        lora_r: LoRA rank.
-        lora_alpha: LoRA scaling numerator.
-        lora_dropout: Dropout on the adapter input.
-        target_modules: ``"all-linear"`` (every quantized layer) or a list of layer names or suffixes.
-        use_rslora: Rank-stabilised LoRA scaling.
-        use_dora: Weight-decomposed LoRA (DoRA).
-        gradient_checkpointing: Non-reentrant activation checkpointing where the model supports it.
-        upcast_non_quantized: Cast non-quantized weights to float32 (costs memory).
         model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
         device: The device; by default the one the Trainer's ``accelerator``/``devices`` select.
     """
