@@ -110,3 +110,18 @@ def failing_torch_save(real_save):
         raise OSError(28, "No space left on device")
 
     return save
+
+
+@pytest.fixture
+def private_hash_cache(tmp_path, monkeypatch):
+    """A fresh base-model hash cache for the test, instead of the user's."""
+    monkeypatch.setenv("LIGHTNING_PAGED_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def tiny_checkpoint_config(**overrides):
+    """The smallest Llama of the checkpoint tests: one layer, 32 wide, a 64-token vocabulary."""
+    settings = dict(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+    )
+    settings.update(overrides)
+    return tiny_llama_config(num_key_value_heads=1, **settings)

@@ -22,6 +22,6 @@ def check_one_device(devices: list[torch.device] | None, setting: str) -> None:
         raise SettingError(setting, len(devices), SEVERAL_DEVICES)
 
 
-def chosen_device(devices: list[torch.device] | None, default: torch.device) -> torch.device:
-    """The first device the framework chose, else ``default``."""
-    return torch.device(devices[0]) if devices else default
+def chosen_device(devices: list[torch.device] | None, root: torch.device, explicit: bool) -> torch.device:
+    """``root`` when the device was given explicitly, else the first device the framework chose (or ``root``)."""
+    return torch.device(devices[0]) if devices and not explicit else root

@@ -161,11 +161,7 @@ class PagedQLoRAFabricStrategy(_QLoRAFabricMixin, SingleDeviceStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        return (
-            self._root_device
-            if self._explicit_device
-            else chosen_device(self._parallel_devices, self._root_device)
-        )
+        return chosen_device(self._parallel_devices, self._root_device, self._explicit_device)
 
     @classmethod
     @override

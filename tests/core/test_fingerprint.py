@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import tiny_llama_config
+from conftest import tiny_checkpoint_config
 from transformers import LlamaForCausalLM
 
 from lightning_paged.core.fingerprint import (
@@ -16,20 +16,8 @@ from lightning_paged.core.fingerprint import (
     files_fingerprint,
 )
 
-VOCAB = 64
-
-
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_PAGED_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def tiny_config(**overrides):
-    settings = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    settings.update(overrides)
-    return tiny_llama_config(num_key_value_heads=1, **settings)
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
+tiny_config = tiny_checkpoint_config
 
 
 def test_base_directory_fingerprint_names_the_files_that_differ_and_is_cached(tmp_path):

@@ -7,7 +7,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import failing_torch_save, tiny_llama_config
+from conftest import failing_torch_save, tiny_checkpoint_config
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
@@ -26,17 +26,8 @@ from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 VOCAB = 64
 
 
-@pytest.fixture(autouse=True)
-def _private_hash_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LIGHTNING_PAGED_CACHE_DIR", str(tmp_path / "cache"))
-
-
-def tiny_config(**overrides):
-    settings = dict(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-    )
-    settings.update(overrides)
-    return tiny_llama_config(num_key_value_heads=1, **settings)
+pytestmark = pytest.mark.usefixtures("private_hash_cache")
+tiny_config = tiny_checkpoint_config
 
 
 def samples(n: int = 10, seq: int = 8) -> list[dict[str, torch.Tensor]]:

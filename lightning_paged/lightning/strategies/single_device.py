@@ -78,11 +78,7 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     @property
     @override
     def root_device(self) -> torch.device:
-        return (
-            self._root_device
-            if self._explicit_device
-            else chosen_device(self.parallel_devices, self._root_device)
-        )
+        return chosen_device(self.parallel_devices, self._root_device, self._explicit_device)
 
     @override
     def setup_environment(self) -> None:
