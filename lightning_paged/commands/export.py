@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ExportError, CheckpointReadError, SettingError, FileNotFoundError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 1
+        return 2
     print(result.summary())
     return 0
 

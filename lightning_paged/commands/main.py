@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_paged.core.errors import SettingError
+from lightning_paged.commands.errors import run_command
 
 EXTRA_COMMANDS = {
     "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
@@ -18,9 +18,18 @@ EXTRA_COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lightning-paged`` and ``python -m lightning_paged``."""
+    """Entry point of ``lightning-paged`` and ``python -m lightning_paged``.
+
+    A bad input is one line on stderr and exit code 2 (see :mod:`lightning_paged.commands.errors`);
+    ``--traceback`` shows its full trace.
+    """
     from_console = argv is None
-    argv = list(sys.argv[1:] if argv is None else argv)
+    return run_command(
+        lambda args: _dispatch(args, from_console), list(sys.argv[1:] if argv is None else argv)
+    )
+
+
+def _dispatch(argv: list[str], from_console: bool) -> int:
     if argv and argv[0] == "report":
         from lightning_paged.commands import report
 
@@ -29,17 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         from lightning_paged.commands import export
 
         return export.main(argv[1:])
-    from lightning_paged.lightning.cli import DESCRIPTION, cli_main, located
+    from lightning_paged.lightning.cli import DESCRIPTION, cli_main
 
     description = (
         DESCRIPTION + " Other commands: " + "; ".join(f"{k}: {v}" for k, v in EXTRA_COMMANDS.items())
     )
-    try:
-        # From the console LightningCLI reads sys.argv itself (and warns when handed it as args).
-        cli_main(None if from_console else argv, description=description)
-    except SettingError as err:
-        print(f"lightning-paged: error: {located(err)}", file=sys.stderr)
-        return 2
+    if from_console:  # LightningCLI reads sys.argv itself (and warns when handed it as args)
+        sys.argv = [sys.argv[0], *argv]
+    cli_main(None if from_console else argv, description=description)
     return 0
 
 

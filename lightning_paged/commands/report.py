@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report(Path(args.log), Path(args.out) if args.out else None, args.run, args.top)
     except ReportError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"lightning-paged report: error: {err}", file=sys.stderr)
         return 2
     return 0
 

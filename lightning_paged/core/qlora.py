@@ -221,6 +221,17 @@ def convert_to_qlora(
             "has no nn.Linear layers to quantize; QLoRA needs a model built of linear layers "
             "(set model_attr to the submodule that holds them)",
         )
+    # Every entry must select a layer (a typo would quantize what it meant to keep), but the default
+    # "lm_head": models without an output layer keep the default.
+    unmatched = [
+        p for p in config.skip_modules if p != "lm_head" and not any(_matches(n, [p]) for n in linear_names)
+    ]
+    if unmatched:
+        raise SettingError(
+            "skip_modules",
+            unmatched,
+            "match no linear layer; linear layers found: " + ", ".join(_short_names(linear_names)),
+        )
     quantized = [n for n in linear_names if not _matches(n, config.skip_modules)]
     skipped = [n for n in linear_names if n not in quantized]
     if not quantized:

@@ -15,6 +15,8 @@ from typing import Any
 from lightning_paged.core.errors import SettingError
 
 BYTE = "byte"
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt")
+"""Files a saved transformers tokenizer directory holds at least one of."""
 
 
 class ByteTokenizer:
@@ -108,6 +110,13 @@ def load_tokenizer(spec: str, setting: str = "tokenizer") -> Any:
             "is not a local directory; give 'byte' for the built-in byte tokenizer or the path of a "
             "directory holding a transformers tokenizer (tokenizer.json / tokenizer_config.json); "
             "nothing is downloaded",
+        )
+    if not any((path / name).is_file() for name in _TOKENIZER_FILES):
+        raise SettingError(
+            setting,
+            spec,
+            f"holds no tokenizer files (one of {', '.join(_TOKENIZER_FILES)}); give the directory a "
+            "transformers tokenizer was saved to (tokenizer.save_pretrained), or 'byte'",
         )
     from transformers import AutoTokenizer
 

@@ -10,18 +10,27 @@ set under ``model.init_args.optimizer`` and built over the trainable parameters.
 from __future__ import annotations
 
 import sys
+from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.strategies import StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
+from lightning_paged.commands.errors import (
+    UsageError,
+    config_files,
+    explain_interpolation_error,
+    explain_parse_error,
+    explain_yaml_error,
+    instantiating_key,
+    locate_setting_error,
+)
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.settings import did_you_mean
+from lightning_paged.lightning.config_checks import check_checkpoint_path, check_config
 
 DESCRIPTION = (
     "NF4 QLoRA fine-tuning with paged optimizers and eviction monitoring. Models: "
@@ -43,40 +52,59 @@ class PagedCLI(LightningCLI):
         )
 
     @override
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as err:
+            if "Problems parsing config" in str(err):
+                raise explain_yaml_error(config_files(argv)) or explain_parse_error(err) from err
+            raise explain_parse_error(err, known=self._parser_keys(argv)) from err
+        except Exception as err:
+            if type(err).__module__.startswith("omegaconf"):
+                subcommand = next((a for a in argv if a in self.subcommands()), None)
+                raise explain_interpolation_error(err, subcommand) from err
+            raise
+
+    def _parser_keys(self, argv: list[str]) -> list[str]:
+        """The keys of the subcommand's parser (``trainer.max_steps``, ...), for "did you mean"."""
+        parsers = getattr(self, "_subcommand_parsers", {})
+        parser = next((parsers[a] for a in argv if a in parsers), getattr(self, "parser", None))
+        return [a.dest for a in getattr(parser, "_actions", []) if a.dest and a.dest != "help"]
+
+    @override
+    def _parse_ckpt_path(self) -> None:
+        # Lightning reads the checkpoint's hyperparameters here: check the file first.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path is not None:
+            check_checkpoint_path(ckpt_path)
+        super()._parse_ckpt_path()
+
+    @override
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        _check_strategy_name(config.get("trainer", {}).get("strategy"))
-        _check_optimizer_name(config.get("model"))
+        check_config(self.config[self.subcommand] if self.subcommand else self.config)
+
+    @override
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (SettingError, UsageError):
+            raise
+        except Exception as err:
+            if not str(err).startswith("Does not validate against any of the Union subtypes"):
+                raise
+            raise explain_parse_error(err, root=instantiating_key(err)) from err
+
+    @override
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        except SettingError as err:
+            raise locate_setting_error(err) from err
 
     def after_fit(self) -> None:  # LightningCLI calls after_<subcommand> when present
         _print_run_summary(self.trainer)
-
-
-def _check_strategy_name(strategy: Any) -> None:
-    if not isinstance(strategy, str) or strategy in StrategyRegistry or strategy == "auto":
-        return
-    names = sorted(StrategyRegistry.available_strategies())
-    raise SettingError(
-        "trainer.strategy",
-        strategy,
-        f"is not a strategy name.{did_you_mean(strategy, names)} QLoRA strategies: paged_qlora, paged_qlora_ddp",
-    )
-
-
-def _check_optimizer_name(model: Any) -> None:
-    """An optimizer name typo, caught before the model is built and named as the config spells it."""
-    from lightning_paged.core.optimizers import resolve_name
-
-    def field(node: Any, key: str) -> Any:
-        return node.get(key) if isinstance(node, dict) else getattr(node, key, None)
-
-    name = field(field(field(model, "init_args"), "optimizer"), "name")
-    if not isinstance(name, str) or "." in name:
-        return
-    try:
-        resolve_name(name)
-    except SettingError as err:
-        raise err.located("model.init_args.optimizer.") from None
 
 
 @rank_zero_only
@@ -113,22 +141,6 @@ def _write_report(log_path: str | Path, out: Path) -> str:
     return str(out)
 
 
-def located(err: SettingError) -> SettingError:
-    """Put the config section in front of a module's or datamodule's own setting name."""
-    if err.where:
-        return err
-    from inspect import signature
-
-    from lightning_paged.lightning.data import InstructionDataModule
-    from lightning_paged.lightning.module import CausalLMModule
-
-    root = err.setting.split(".")[0]
-    for section, cls in (("data", InstructionDataModule), ("model", CausalLMModule)):
-        if root in signature(cls.__init__).parameters:
-            return err.located(f"{section}.init_args.")
-    return err
-
-
 def cli_main(args: list[str] | None = None, run: bool = True, description: str = DESCRIPTION) -> PagedCLI:
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
     from jsonargparse import set_parsing_settings
@@ -143,7 +155,12 @@ def cli_main(args: list[str] | None = None, run: bool = True, description: str =
         subclass_mode_model=True,
         subclass_mode_data=True,
         auto_configure_optimizers=False,
-        parser_kwargs={"parser_mode": "omegaconf+", "default_env": False, "description": description},
+        parser_kwargs={
+            "parser_mode": "omegaconf+",
+            "default_env": False,
+            "exit_on_error": False,  # errors reach the command as exceptions, told in one line there
+            "description": description,
+        },
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"callbacks": [RichProgressBar()]},
         args=args,

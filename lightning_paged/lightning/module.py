@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
@@ -128,6 +128,19 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
                 value,
                 f"gives a vocabulary of {rows} tokens, fewer than the {len(self.tokenizer)} of the tokenizer "
                 f"({self.hparams['tokenizer']}); the model's vocabulary must cover every token id",
+            )
+
+    @override
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if stage == "fit" and strategy is not None and not isinstance(strategy, QLoRAStrategyMixin):
+            rank_zero_warn(
+                f"CausalLMModule is training under {type(strategy).__name__}, not a QLoRA strategy: nothing is "
+                "quantized and every weight trains at full size. For NF4 QLoRA set trainer.strategy to "
+                "paged_qlora (one device) or paged_qlora_ddp (several)."
             )
 
     @override
