@@ -88,12 +88,14 @@ def as_usage_error(err: BaseException) -> UsageError | None:
 
 
 def _bad_input_types() -> tuple[type[BaseException], ...]:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
     from lightning_paged.core.atomic import CheckpointReadError
     from lightning_paged.core.export import ExportError
     from lightning_paged.core.fingerprint import CheckpointMismatchError
     from lightning_paged.core.plot import ReportError
 
-    return (CheckpointReadError, CheckpointMismatchError, ExportError, ReportError)
+    return (CheckpointReadError, CheckpointMismatchError, ExportError, ReportError, MisconfigurationException)
 
 
 def _one_line(text: str) -> str:

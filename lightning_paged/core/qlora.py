@@ -193,26 +193,12 @@ def _peft_target_spec(targets: Sequence[str], linear_names: Sequence[str]) -> li
     return list(targets)
 
 
-def convert_to_qlora(
-    model: nn.Module, config: QLoRAConfig | None = None, device: torch.device | str | None = None
-) -> ConversionReport:
-    """Convert ``model`` in place: 4-bit base weights, LoRA adapters, only adapters trainable.
+def select_layers(model: nn.Module, config: QLoRAConfig) -> tuple[list[str], list[str], list[str]]:
+    """``(linear layers, those to quantize, those to adapt)`` of ``model`` under ``config``'s selection.
 
-    Quantization happens on ``device`` (the model's current device when None), one layer at a
-    time, so a model on the host never needs its 16-bit weights on the accelerator.
+    Raises :class:`SettingError` for a selection :func:`convert_to_qlora` would refuse; cheap
+    (names only), so a command can check it before anything starts.
     """
-    config = config or QLoRAConfig()
-    config.validate()
-    import bitsandbytes as bnb
-    from peft import LoraConfig, inject_adapter_in_model
-
-    if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
-        raise SettingError("model", type(model).__name__, "is already quantized; convert a module only once")
-    if device is None:
-        first = next(model.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    device = torch.device(device)
-
     linear_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     if not linear_names:
         raise SettingError(
@@ -233,14 +219,37 @@ def convert_to_qlora(
             "match no linear layer; linear layers found: " + ", ".join(_short_names(linear_names)),
         )
     quantized = [n for n in linear_names if not _matches(n, config.skip_modules)]
-    skipped = [n for n in linear_names if n not in quantized]
     if not quantized:
         raise SettingError(
             "skip_modules",
             config.skip_modules,
             f"leaves none of the {len(linear_names)} linear layers to quantize",
         )
-    targets = _resolve_targets(config, linear_names, quantized)
+    return linear_names, quantized, _resolve_targets(config, linear_names, quantized)
+
+
+def convert_to_qlora(
+    model: nn.Module, config: QLoRAConfig | None = None, device: torch.device | str | None = None
+) -> ConversionReport:
+    """Convert ``model`` in place: 4-bit base weights, LoRA adapters, only adapters trainable.
+
+    Quantization happens on ``device`` (the model's current device when None), one layer at a
+    time, so a model on the host never needs its 16-bit weights on the accelerator.
+    """
+    config = config or QLoRAConfig()
+    config.validate()
+    import bitsandbytes as bnb
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
+        raise SettingError("model", type(model).__name__, "is already quantized; convert a module only once")
+    if device is None:
+        first = next(model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+    device = torch.device(device)
+
+    linear_names, quantized, targets = select_layers(model, config)
+    skipped = [n for n in linear_names if n not in quantized]
 
     replaced_bytes = 0
     quantized_bytes = 0

@@ -103,6 +103,17 @@ class PagedCLI(LightningCLI):
         except SettingError as err:
             raise locate_setting_error(err) from err
 
+    def before_fit(self) -> None:  # LightningCLI calls before_<subcommand> when present
+        # What fit would refuse only after its loggers have cleared an existing log directory.
+        from lightning_paged.lightning.data import InstructionDataModule
+        from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
+
+        if isinstance(self.datamodule, InstructionDataModule):
+            self.datamodule.check_data()
+        strategy = self.trainer.strategy
+        if isinstance(strategy, QLoRAStrategyMixin):
+            strategy.check_module(self.model)
+
     def after_fit(self) -> None:  # LightningCLI calls after_<subcommand> when present
         _print_run_summary(self.trainer)
 

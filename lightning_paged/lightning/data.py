@@ -122,6 +122,14 @@ class InstructionDataModule(LightningDataModule):
         _check_fields("input_template", self.input_template, {"input"})
         _check_fields("role_header", self.role_header, {"role"})
 
+    def check_data(self) -> None:
+        """Read ``data_path`` and check every sample, without tokenizing: what ``setup`` would refuse.
+
+        Cheap enough to run before ``fit`` starts its loggers, which clear an existing log directory.
+        """
+        for record, where in read_records(self.data_path):
+            self._segments(record, where)
+
     def format_prompt(self, instruction: str, input: str = "") -> str:
         """The prompt the model sees for an alpaca-style sample (what generation should start from)."""
         block = self.input_template.format(input=input) if input else ""

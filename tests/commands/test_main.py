@@ -1,4 +1,4 @@
-"""The lightning-paged command: every example loads, interpolation, the main job, bad input."""
+"""The lightning-paged command: every example loads, interpolation, the main job (bad input: test_bad_inputs)."""
 
 from __future__ import annotations
 
@@ -105,55 +105,6 @@ def test_main_example_end_to_end(tmp_path):
         tmp_path, *short_run_args(run_dir, steps=2), "--model.init_args.optimizer.warmup_steps", "0"
     )
     assert again.returncode == 0, again.stderr[-4000:]
-
-
-def bad_input(tmp_path: Path, *args: str) -> str:
-    result = run_cli(tmp_path, "fit", "--config", TINY, "--vars.run_dir", str(tmp_path / "run"), *args)
-    assert result.returncode != 0
-    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing half-written
-    return result.stderr
-
-
-def test_missing_model_directory(tmp_path):
-    err = bad_input(
-        tmp_path,
-        "--model.init_args.model_config",
-        "null",
-        "--model.init_args.model_name_or_path",
-        str(tmp_path / "no-such-model"),
-    )
-    assert "model_name_or_path" in err and "no-such-model" in err
-
-
-def test_data_file_that_is_not_json(tmp_path):
-    data = tmp_path / "data.jsonl"
-    data.write_text("this is not json\n")
-    err = bad_input(tmp_path, "--data.init_args.data_path", str(data))
-    assert "data_path" in err and "JSON" in err
-
-
-def test_empty_dataset(tmp_path):
-    data = tmp_path / "empty.jsonl"
-    data.write_text("")
-    err = bad_input(tmp_path, "--data.init_args.data_path", str(data))
-    assert "data_path" in err and "empty" in err.lower()
-
-
-def test_unknown_config_key(tmp_path):
-    config = tmp_path / "typo.yaml"
-    config.write_text("trainer:\n  max_stepz: 3\n")
-    err = bad_input(tmp_path, "--config", str(config))
-    assert "max_stepz" in err
-
-
-def test_strategy_name_typo(tmp_path):
-    err = bad_input(tmp_path, "--trainer.strategy", "paged_qlroa")
-    assert "trainer.strategy" in err and "paged_qlora" in err
-
-
-def test_optimizer_name_typo(tmp_path):
-    err = bad_input(tmp_path, "--model.init_args.optimizer.name", "paged_adamw_8bt")
-    assert "optimizer.name" in err and "paged_adamw_8bit" in err
 
 
 def test_report_and_export_are_subcommands():

@@ -32,6 +32,7 @@ from lightning_paged.core.qlora import (
     QLoRAConfig,
     convert_to_qlora,
     qlora_config_from_init_args,
+    select_layers,
     select_target,
 )
 from lightning_paged.core.settings import args_section, field_docs
@@ -87,6 +88,24 @@ class QLoRAStrategyMixin:
             "Leave precision at '32-true' (the default) or use 'bf16-mixed', and set "
             f"{SETTING_PREFIX}compute_dtype instead",
         )
+
+    def check_module(self, module: pl.LightningModule) -> None:
+        """Refuse now what ``setup`` would refuse after ``fit`` has started writing logs and configs.
+
+        The precision plugin and the layer selection (``skip_modules``, ``target_modules``); a
+        module whose layers do not exist yet (built in ``configure_model``) is checked at setup only.
+        """
+        self._check_precision()
+        try:
+            target = select_target(module, self.model_attr)
+        except SettingError:
+            return  # setup reports it, once configure_model has run
+        if not any(isinstance(m, torch.nn.Linear) for m in target.modules()):
+            return
+        try:
+            select_layers(target, self.qlora)
+        except SettingError as err:
+            raise err.located(SETTING_PREFIX) from None
 
     def _convert(self, module: pl.LightningModule, device: torch.device) -> None:
         if self._converted is module:
