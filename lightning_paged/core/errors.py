@@ -20,3 +20,15 @@ class SettingError(ValueError):
     def located(self, where: str) -> SettingError:
         """The same error with the setting's location in the user's config in front of its name."""
         return SettingError(self.setting, self.value, self.problem, where=where)
+
+
+class UsageError(Exception):
+    """A bad input told as the user should read it: a one-line ``message`` and an optional short ``hint``.
+
+    The commands print it as ``lightning-paged: error: <message>`` and exit with code 2.
+    """
+
+    def __init__(self, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint

@@ -20,8 +20,8 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_paged.commands.errors import (
-    UsageError,
+from lightning_paged.core.errors import SettingError, UsageError
+from lightning_paged.lightning.cli_errors import (
     config_files,
     explain_interpolation_error,
     explain_parse_error,
@@ -29,7 +29,6 @@ from lightning_paged.commands.errors import (
     instantiating_key,
     locate_setting_error,
 )
-from lightning_paged.core.errors import SettingError
 from lightning_paged.lightning.config_checks import check_checkpoint_path, check_config
 
 DESCRIPTION = (

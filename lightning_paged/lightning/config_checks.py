@@ -10,7 +10,6 @@ be written, and a ``ckpt_path`` that is not a readable checkpoint.
 
 from __future__ import annotations
 
-import importlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.settings import did_you_mean
+from lightning_paged.lightning.cli_errors import import_class_path
 
 CHECKPOINT_NAMES = ("last", "best", "hpc")
 """``ckpt_path`` values Lightning resolves itself rather than as a file."""
@@ -47,16 +47,6 @@ def _get(node: Any, key: str) -> Any:
 
 def _as_dict(node: Any) -> Any:
     return node.as_dict() if hasattr(node, "as_dict") else node
-
-
-def _import(class_path: Any) -> Any:
-    if not isinstance(class_path, str) or "." not in class_path:
-        return None
-    module, _, name = class_path.rpartition(".")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError):
-        return None
 
 
 def check_strategy_name(strategy: Any) -> None:
@@ -95,7 +85,7 @@ def check_optimizer(model: Any, max_steps: Any) -> None:
     from lightning_paged.core.optimizers import OptimizerConfig
     from lightning_paged.lightning.mixin import PagedOptimizerMixin
 
-    cls = _import(_get(model, "class_path"))
+    cls = import_class_path(_get(model, "class_path"))
     if not (isinstance(cls, type) and issubclass(cls, PagedOptimizerMixin)):
         return
     where = "model.init_args.optimizer."
