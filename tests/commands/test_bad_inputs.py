@@ -294,7 +294,7 @@ ROWS = [
     Row("export_missing_run", ["export", "{bad}/no-such-run", "--out", "{bad}/export"], ["no-such-run"]),
     Row("report_missing_log", ["report", "{bad}/no-such.jsonl"], ["no-such.jsonl"]),
 ]
-SUBPROCESS_ROWS = ["lora_r_zero", "compute_dtype", "yaml_syntax"]
+SUBPROCESS_ROWS = ["lora_r_zero", "yaml_syntax"]
 
 
 def write_data(path: Path) -> Path:
