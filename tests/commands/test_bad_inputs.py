@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import quiet_trainer, tiny_llama_config
 
 from lightning_paged.commands.errors import TRACEBACK_ENV
 from lightning_paged.commands.main import main
@@ -308,20 +308,12 @@ def write_data(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def inputs(tmp_path_factory) -> dict[str, Path]:
     """The tiny model, a finished run, and one directory of broken inputs, made once."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     base = tmp_path_factory.mktemp("bad-inputs")
     data = write_data(base / "data.jsonl")
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=259,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=64,
-    )
+    config = tiny_llama_config(vocab_size=259, num_hidden_layers=1)  # the byte tokenizer's 259 ids
     model = base / "model"
     LlamaForCausalLM(config).save_pretrained(model)
     run = base / "run"
