@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from lightning_paged.commands.errors import run_command
+from lightning_paged.commands.errors import TRACEBACK_FLAG, run_command
 
 EXTRA_COMMANDS = {
     "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
@@ -41,7 +41,10 @@ def _dispatch(argv: list[str], from_console: bool) -> int:
     from lightning_paged.lightning.cli import DESCRIPTION, cli_main
 
     description = (
-        DESCRIPTION + " Other commands: " + "; ".join(f"{k}: {v}" for k, v in EXTRA_COMMANDS.items())
+        DESCRIPTION
+        + " Other commands: "
+        + "; ".join(f"{k}: {v}" for k, v in EXTRA_COMMANDS.items())
+        + f". A bad input is one line and exit code 2; add {TRACEBACK_FLAG} for the full trace."
     )
     if from_console:  # LightningCLI reads sys.argv itself (and warns when handed it as args)
         sys.argv = [sys.argv[0], *argv]

@@ -485,3 +485,10 @@ def test_causal_lm_module_warns_once_without_a_qlora_strategy(inputs):
     module.trainer = quiet_trainer()
     with pytest.warns(UserWarning, match="not a QLoRA strategy.*paged_qlora"):
         module.setup("fit")
+
+
+def test_help_says_how_to_see_the_trace(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["lightning-paged"])
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "--traceback" in capsys.readouterr().out
