@@ -1,9 +1,10 @@
 """The eviction report: one run of an event log, drawn as three panels over the steps, with its summary.
 
-The panels: sequence length (long-sequence steps marked), bytes evicted to host and paged back
-in, and step time (with the optimizer's share). The output is ``.png``, ``.svg``, ``.pdf`` or
-``.html`` (one self-contained page: the plot inlined as base64 PNG and the summary), written
-atomically. matplotlib is an optional extra, imported only to draw.
+The panels: sequence length (long-sequence steps marked; for packed batches the row length and
+the longest example in it), bytes evicted to host and paged back in, and step time (with the
+optimizer's share). The output is ``.png``, ``.svg``, ``.pdf`` or ``.html`` (one self-contained page:
+the plot inlined as base64 PNG and the summary), written atomically. matplotlib is an optional
+extra, imported only to draw.
 """
 
 from __future__ import annotations
@@ -115,6 +116,15 @@ def _figure(records: list[StepRecord], title: str) -> Any:
     ax_len, ax_mem, ax_time = figure.subplots(3, 1, sharex=True)
 
     ax_len.plot(steps, [r.seq_len or 0 for r in records], color="tab:blue", lw=1, label="sequence length")
+    if any(r.longest_example is not None and r.longest_example != r.seq_len for r in records):
+        # packed (or otherwise padded) batches: the row length above, the longest single example here
+        ax_len.plot(
+            steps,
+            [r.longest_example or 0 for r in records],
+            color="tab:green",
+            lw=1,
+            label="longest example",
+        )
     long_steps = [r for r in records if r.long_sequence]
     if long_steps:
         ax_len.scatter(

@@ -8,6 +8,11 @@ Two sample shapes, mixed freely in one file:
 Labels are ``-100`` everywhere except response tokens (``output``, assistant turns and the
 end-of-sequence token after them), so the loss is on responses only. Each batch is padded to its
 own longest sample: sequence length varies from step to step, as it does in real fine-tuning.
+
+With ``packing=True`` whole samples are packed into rows of at most ``max_length`` tokens instead
+(:mod:`lightning_paged.core.packing`): a batch is ``batch_size`` rows, each sample attends only to
+itself (``position_ids`` restart per sample, no 2-D attention mask), and far less of every step is
+spent on padding.
 """
 
 from __future__ import annotations
@@ -26,11 +31,9 @@ from typing_extensions import override
 
 from lightning_paged.core.data_files import read_records
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.packing import IGNORE_INDEX, PackCollator, PackedDataset
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
-
-IGNORE_INDEX = -100
-"""Label of tokens the loss skips (prompt and padding); the value transformers' losses ignore."""
 
 ALPACA_PROMPT = "### Instruction:\n{instruction}\n\n{input}### Response:\n"
 ALPACA_INPUT = "### Input:\n{input}\n\n"
@@ -51,6 +54,7 @@ class InstructionDataModule(LightningDataModule):
         batch_size: int = 8,
         val_split: int | float = 0.05,
         group_by_length: bool = False,
+        packing: bool = False,
         num_workers: int = 0,
         seed: int = 42,
         prompt_template: str = ALPACA_PROMPT,
@@ -70,6 +74,14 @@ class InstructionDataModule(LightningDataModule):
                 0 turns validation off.
             group_by_length: Batch samples of similar length together (in shuffled groups of 50 batches)
                 to waste less compute on padding. The order of batches stays random.
+            packing: Pack whole samples into rows of at most ``max_length`` tokens (first-fit decreasing
+                over shuffled windows of 1,000 samples, fixed for the run; the sampler shuffles the rows
+                every epoch), and make each batch ``batch_size`` such rows. No sample is split or sees
+                another: batches carry ``position_ids`` that restart per sample and no attention mask,
+                which the model's ``sdpa``, ``eager``, ``flex_attention`` or flash attention turns into
+                a block-diagonal causal mask (other attention implementations are refused). The loss
+                is still the mean over the batch's response tokens. Validation is packed the same way;
+                a validation split that fills fewer than ``batch_size`` rows is one smaller batch.
             num_workers: DataLoader worker processes.
             seed: Seed of the validation split and of the shuffling.
             prompt_template: Prompt of an alpaca-style sample, with ``{instruction}`` and ``{input}``
@@ -85,6 +97,7 @@ class InstructionDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.val_split = val_split
         self.group_by_length = group_by_length
+        self.packing = packing
         self.num_workers = num_workers
         self.seed = seed
         self.prompt_template = prompt_template
@@ -94,6 +107,8 @@ class InstructionDataModule(LightningDataModule):
         self.tokenizer = load_tokenizer(tokenizer)
         self.train_data: list[dict[str, list[int]]] | None = None
         self.val_data: list[dict[str, list[int]]] = []
+        self.train_rows: PackedDataset | None = None
+        self.val_rows: PackedDataset | None = None
         self.num_truncated = 0
         self.num_dropped = 0
 
@@ -108,6 +123,15 @@ class InstructionDataModule(LightningDataModule):
         if self.max_length < 2:
             raise SettingError(
                 "max_length", self.max_length, "must leave room for a prompt and a response (>= 2)"
+            )
+        if not isinstance(self.packing, bool):
+            raise SettingError("packing", self.packing, "must be true or false")
+        if self.packing and self.group_by_length:
+            raise SettingError(
+                "group_by_length",
+                self.group_by_length,
+                "and packing are two ways to cut padding; packed rows are all close to max_length, so "
+                "grouping them by length does nothing: turn one off",
             )
         if self.num_workers < 0:
             raise SettingError("num_workers", self.num_workers, "must be 0 or more")
@@ -150,6 +174,8 @@ class InstructionDataModule(LightningDataModule):
             return
         records = read_records(self.data_path)
         segments = [self._segments(record, where) for record, where in records]
+        if self.packing and any(record.get("messages") is None for record, _ in records):
+            self._check_prompt_room()
         samples, lengths = self._tokenize(segments)
         if self.num_truncated:
             dropped = (
@@ -171,6 +197,24 @@ class InstructionDataModule(LightningDataModule):
             f"Instruction data: {len(self.train_data)} training and {len(self.val_data)} validation samples "
             f"from {self.data_path}; {min(kept)}-{max(kept)} tokens (median {sorted(kept)[len(kept) // 2]})"
         )
+        if self.packing:
+            self.train_rows = PackedDataset(self.train_data, self.max_length, seed=self.seed)
+            self.val_rows = PackedDataset(self.val_data, self.max_length, seed=self.seed)
+            rank_zero_info(
+                f"Packing: {len(self.train_rows)} training rows ({self.train_rows.fill_rate:.1%} filled) and "
+                f"{len(self.val_rows)} validation rows of at most {self.max_length} tokens"
+            )
+
+    def _check_prompt_room(self) -> None:
+        """With packing, a ``max_length`` the prompt template's fixed text already fills is a clear error."""
+        fixed = len(self.prompt_ids(""))
+        if self.max_length <= fixed:
+            raise SettingError(
+                "max_length",
+                self.max_length,
+                f"leaves no room for a response: the fixed part of prompt_template alone is {fixed} tokens "
+                "(with the beginning-of-sequence token); raise max_length well above it",
+            )
 
     def _segments(self, record: Any, where: str) -> list[Segment]:
         def bad(problem: str) -> SettingError:
@@ -249,10 +293,11 @@ class InstructionDataModule(LightningDataModule):
         train = sorted(order[n_val:])
         return [samples[i] for i in train], [samples[i] for i in val]
 
-    def _loader(self, data: list, **kwargs: Any) -> DataLoader:
+    def _loader(self, data: Any, **kwargs: Any) -> DataLoader:
+        collate = PackCollator if self.packing else PadCollator
         return DataLoader(
-            data,  # type: ignore[arg-type]
-            collate_fn=PadCollator(self.tokenizer.pad_token_id),
+            data,
+            collate_fn=collate(self.tokenizer.pad_token_id),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             **kwargs,
@@ -261,14 +306,13 @@ class InstructionDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         assert self.train_data is not None, "call setup('fit') first"
+        data: Any = self.train_rows if self.packing else self.train_data
         # A seeded, epoch-aware order whose position checkpoints save, so a resume continues mid-epoch.
-        sampler = ResumableSampler(self.train_data, seed=self.seed)
+        sampler = ResumableSampler(data, seed=self.seed)
         # Loader workers' seeds come from this generator, not from the global RNG.
         generator = torch.Generator().manual_seed(self.seed)
         if not self.group_by_length:
-            return self._loader(
-                self.train_data, batch_size=self.batch_size, sampler=sampler, generator=generator
-            )
+            return self._loader(data, batch_size=self.batch_size, sampler=sampler, generator=generator)
         lengths = [len(s["input_ids"]) for s in self.train_data]
         batches = LengthGroupedBatchSampler(sampler, self.batch_size, False, lengths=lengths, seed=self.seed)
         return self._loader(self.train_data, batch_sampler=batches, generator=generator)
@@ -276,7 +320,9 @@ class InstructionDataModule(LightningDataModule):
     @override
     def val_dataloader(self) -> DataLoader | list:
         assert self.train_data is not None, "call setup('fit') first"
-        return self._loader(self.val_data, batch_size=self.batch_size) if self.val_data else []
+        if not self.val_data:
+            return []
+        return self._loader(self.val_rows if self.packing else self.val_data, batch_size=self.batch_size)
 
     @override
     def test_dataloader(self) -> DataLoader | list:

@@ -12,6 +12,13 @@ from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.packing import (
+    batch_tokens,
+    check_packing_support,
+    is_packed,
+    model_inputs,
+    response_targets,
+)
 from lightning_paged.core.settings import close_matches
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
@@ -24,11 +31,22 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     """A causal LM from a local directory or built from a config, with a paged optimizer.
 
     The transformers model is ``self.model``: the QLoRA strategy converts that attribute to NF4 +
-    LoRA at setup. Batches are those of :class:`~lightning_paged.lightning.data.InstructionDataModule`
-    (``input_ids``, ``attention_mask`` and ``labels`` that are -100 off the response).
+    LoRA at setup. Batches are those of :class:`~lightning_paged.lightning.data.InstructionDataModule`:
+    padded (``input_ids``, ``attention_mask`` and ``labels`` that are -100 off the response) or packed
+    (``position_ids`` restarting per sample instead of a mask; the model then runs with
+    ``attention_mask=None`` and ``use_cache=False``, and an attention implementation that would let
+    packed samples see each other is refused when ``fit`` starts).
 
-    Logged: ``train/loss`` (per step), ``train/tokens`` (non-padding tokens in the step's batch),
-    ``val/loss`` and ``test/loss`` (per epoch, averaged over response tokens).
+    The loss is the mean over the response tokens of the batch, packed or not. With gradient
+    accumulation or several processes, each process backpropagates the *sum* of its token losses and
+    the gradients are divided by the response tokens of the whole optimizer step (all micro-batches,
+    all ranks, summed across ranks) right before the optimizer step, so every response token weighs
+    the same however the tokens fall into batches.
+
+    Logged: ``train/loss`` (per step: the batch's mean over response tokens), ``train/tokens``
+    (real, non-padding tokens in the step's batch), ``train/padding_fraction`` (share of the batch's
+    positions that are padding), ``val/loss`` and ``test/loss`` (per epoch, averaged over response
+    tokens).
     """
 
     def __init__(
@@ -63,6 +81,9 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         self.sample_max_new_tokens = sample_max_new_tokens
         self.tokenizer = load_tokenizer(tokenizer)
         self.last_sample: str | None = None
+        self._step_targets: torch.Tensor | None = None
+        """Response tokens of the optimizer step so far (with gradient accumulation or several ranks)."""
+        self._packing_checked = False
         if (model_name_or_path is None) == (model_config is None):
             raise SettingError(
                 "model_name_or_path",
@@ -150,18 +171,51 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self.model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        )
-        return out.loss
+        """Mean loss over the batch's response tokens (transformers' causal-LM loss)."""
+        return self.model(**model_inputs(batch, self.model)).loss
+
+    @override
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        self._step_targets = None
+        self._packing_checked = False
+        if getattr(getattr(self._trainer, "datamodule", None), "packing", False):
+            check_packing_support(self.model)
+            self._packing_checked = True
 
     @override
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        if not self._packing_checked and is_packed(batch):
+            check_packing_support(self.model)  # packed batches from a loader of the user's own
+            self._packing_checked = True
         loss = self._loss(batch)
         size = batch["input_ids"].shape[0]
+        tokens = batch_tokens(batch).float()
         self.log("train/loss", loss, prog_bar=True, batch_size=size)
-        self.log("train/tokens", batch["attention_mask"].sum().float(), batch_size=size)
-        return loss
+        self.log("train/tokens", tokens, batch_size=size)
+        self.log("train/padding_fraction", 1 - tokens / batch["input_ids"].numel(), batch_size=size)
+        if self.trainer.accumulate_grad_batches * self.trainer.world_size == 1:
+            return loss  # the mean over this batch is already the mean over the step's tokens
+        targets = response_targets(batch["labels"])
+        self._step_targets = targets if self._step_targets is None else self._step_targets + targets
+        return loss * targets  # rescaled in on_before_optimizer_step
+
+    @override
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        super().on_before_optimizer_step(optimizer)
+        if self._step_targets is None:
+            return
+        # Lightning divided each returned sum by the accumulation count and DDP averaged over ranks:
+        # undo both and divide by the response tokens of the whole step instead.
+        total = self.trainer.strategy.reduce(self._step_targets.float(), reduce_op="sum")
+        self._step_targets = None
+        if float(total) == 0:
+            return
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
+        for group in optimizer.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:

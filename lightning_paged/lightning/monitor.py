@@ -37,9 +37,14 @@ class EvictionMonitor(Callback):
 
     **Logged metrics** (all per step; a metric the active source cannot measure is not logged)
 
-    - ``eviction/seq_len`` — padded sequence length of the batch
-    - ``eviction/tokens`` — real tokens in the batch (sum of ``attention_mask``)
-    - ``eviction/long_sequence`` — 1 when the step counts as a long-sequence step, else 0
+    - ``eviction/seq_len`` — padded sequence length of the batch (a packed batch: its row length)
+    - ``eviction/longest_example`` — the longest single example in the batch (packed: the longest of
+      the examples sharing its rows)
+    - ``eviction/tokens`` — real tokens in the batch (sum of ``attention_mask``, or a packed batch's
+      ``num_tokens``)
+    - ``eviction/long_sequence`` — 1 when the step counts as a long-sequence step, else 0; judged on
+      ``seq_len``, so a packed row of many short examples counts as long as one long example would:
+      both make the step's activations as large
     - ``eviction/evicted_bytes`` — bytes the driver evicted from the GPU to host memory
     - ``eviction/paged_in_bytes`` — bytes migrated from host memory to the GPU
     - ``eviction/gpu_page_faults`` — GPU page-fault groups on managed memory (CUPTI only)

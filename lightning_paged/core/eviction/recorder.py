@@ -29,7 +29,13 @@ import torch
 from lightning_paged.core.eviction.log import JsonlWriter
 from lightning_paged.core.eviction.paged import PagedBytes
 from lightning_paged.core.eviction.records import RECORD_FIELDS, StepRecord
-from lightning_paged.core.eviction.seqlen import LongSequenceDetector, SeqLenFn, batch_length, resolve_tokens
+from lightning_paged.core.eviction.seqlen import (
+    LongSequenceDetector,
+    SeqLenFn,
+    batch_length,
+    batch_longest,
+    resolve_tokens,
+)
 from lightning_paged.core.eviction.sources import MemoryProbe, open_source
 from lightning_paged.core.eviction.sources.base import EventSource, Notify, OnceNotifier
 from lightning_paged.core.eviction.summary import Summary, SummaryBuilder
@@ -91,6 +97,7 @@ class EvictionRecorder:
         self._closed = False
         self._seq_len: int | None = None
         self._tokens: Any = None
+        self._longest: Any = None
         self._t0 = 0.0
         self._t_opt: float | None = None
         self._opt_s: float | None = None
@@ -121,13 +128,22 @@ class EvictionRecorder:
         """Steps recorded so far."""
         return self._step
 
-    def begin_step(self, batch: Any = None, *, seq_len: int | None = None, tokens: int | None = None) -> None:
-        """Start a step. The length comes from ``batch`` unless ``seq_len`` is given."""
+    def begin_step(
+        self,
+        batch: Any = None,
+        *,
+        seq_len: int | None = None,
+        tokens: int | None = None,
+        longest_example: int | None = None,
+    ) -> None:
+        """Start a step. The lengths come from ``batch`` unless ``seq_len`` is given."""
         if self._open:
             log.debug("step %d was not ended; it is dropped", self._step)
         if seq_len is None and batch is not None:
             seq_len, tokens = batch_length(batch, self._seq_len_fn)
-        self._seq_len, self._tokens = seq_len, tokens
+            if self._seq_len_fn is None:
+                longest_example = batch_longest(batch)
+        self._seq_len, self._tokens, self._longest = seq_len, tokens, longest_example
         self._t_opt = self._opt_s = None
         self._open = True
         self.source.begin_step(self._step)
@@ -173,6 +189,7 @@ class EvictionRecorder:
         record = StepRecord(
             step=self._step,
             seq_len=self._seq_len,
+            longest_example=resolve_tokens(self._longest),
             tokens=resolve_tokens(self._tokens),
             long_sequence=self._detector(self._seq_len),
             evicted_bytes=counters.evicted_bytes,
@@ -195,7 +212,7 @@ class EvictionRecorder:
         self._summary.add(record)
         self.last_record = record
         self._open = False
-        self._tokens = None
+        self._tokens = self._longest = None
         self._step += 1
         return record
 

@@ -40,11 +40,17 @@ class StepRecord:
     step: int
     """Index of the training batch since the run started (0-based)."""
     seq_len: int | None
-    """Padded sequence length of the batch (last dimension of ``input_ids``)."""
+    """Padded sequence length of the batch (last dimension of ``input_ids``): for a packed batch the row
+    length, which sets how large the step's activations are."""
+    longest_example: int | None
+    """Longest single example in the batch: ``position_ids.max() + 1`` of a packed batch, the longest
+    ``attention_mask`` row of a padded one (None when unknown, and in logs older than this field)."""
     tokens: int | None
-    """Real tokens in the batch: the sum of ``attention_mask``, or every position without a mask."""
+    """Real tokens in the batch: the sum of ``attention_mask``, a packed batch's ``num_tokens``, or every
+    position without either."""
     long_sequence: bool
-    """Whether ``seq_len`` counts as long (threshold setting, else above the running 90th percentile)."""
+    """Whether ``seq_len`` counts as long (threshold setting, else above the running 90th percentile):
+    the step's activations were large, whether one long example or several packed ones filled the row."""
     evicted_bytes: int | None
     """Bytes the driver evicted from the GPU to host memory during the step."""
     paged_in_bytes: int | None
@@ -81,6 +87,7 @@ class StepRecord:
     def from_dict(cls, data: dict[str, Any]) -> StepRecord:
         """Build a record from a log line; keys this version does not know are ignored."""
         names = {f.name for f in fields(cls)}
+        data = {**dict.fromkeys(OPTIONAL_FIELDS), **data}
         missing = names - data.keys()
         if missing:
             raise ValueError(f"log line lacks {', '.join(sorted(missing))}")
@@ -88,3 +95,5 @@ class StepRecord:
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepRecord))
+OPTIONAL_FIELDS: tuple[str, ...] = ("longest_example",)
+"""Fields added after the first logs were written: None when a line lacks them."""

@@ -25,6 +25,7 @@ SUMMARY_NAME = "eviction_summary.txt"
 """The summary's name in the log directory."""
 METRIC_FIELDS = (
     "seq_len",
+    "longest_example",
     "tokens",
     "long_sequence",
     "evicted_bytes",

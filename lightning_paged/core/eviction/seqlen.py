@@ -1,4 +1,4 @@
-"""A batch's sequence length and real token count, and when a length counts as long."""
+"""A batch's sequence length, longest example and real token count, and when a length counts as long."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def batch_length(batch: Any, seq_len_fn: SeqLenFn | None = None) -> tuple[int | 
 
     Without ``seq_len_fn``: a mapping uses ``input_ids.shape[-1]`` (else ``attention_mask``'s) as the
     padded length and the sum of ``attention_mask`` as the real token count (every position when
-    there is no mask); a tensor, or a tuple/list whose first item is a tensor, uses its last
+    there is no mask, or a packed batch's ``num_tokens``); a tensor, or a tuple/list whose first item is a tensor, uses its last
     dimension. Anything else gives ``(None, None)``. Summing the mask is queued on the device here and
     read after the step, so it adds no synchronisation.
     """
@@ -35,13 +35,34 @@ def batch_length(batch: Any, seq_len_fn: SeqLenFn | None = None) -> tuple[int | 
         if not _is_tensor(shaped):
             return None, None
         seq_len = int(shaped.shape[-1]) if shaped.ndim else None
-        tokens = mask.sum() if _is_tensor(mask) else int(shaped.numel())
+        packed: Any = batch.get("num_tokens")
+        if _is_tensor(mask):
+            tokens = mask.sum()
+        else:
+            tokens = packed if packed is not None else int(shaped.numel())
         return seq_len, tokens
     if isinstance(batch, Sequence) and not isinstance(batch, (str, bytes)) and batch:
         batch = batch[0]
     if _is_tensor(batch) and batch.ndim:
         return int(batch.shape[-1]), int(batch.numel())
     return None, None
+
+
+def batch_longest(batch: Any) -> Any:
+    """The longest single example of a mapping batch, as a 0-d tensor read at the end of the step, or None.
+
+    A packed batch (``position_ids`` that restart at 0 per example, padding at 0): ``position_ids.max()
+    + 1``. A padded batch: the largest row sum of ``attention_mask``. Other batches: None.
+    """
+    if not isinstance(batch, Mapping):
+        return None
+    positions: Any = batch.get("position_ids")
+    mask: Any = batch.get("attention_mask")
+    if mask is None and _is_tensor(positions) and positions.numel():
+        return positions.max() + 1
+    if _is_tensor(mask) and mask.ndim == 2 and mask.numel():
+        return mask.sum(-1).max()
+    return None
 
 
 def resolve_tokens(tokens: Any) -> int | None:

@@ -21,6 +21,7 @@ class SlowStep:
     long_sequence: bool
     step_s: float
     evicted_bytes: int | None
+    longest_example: int | None = None
 
 
 @dataclass
@@ -94,11 +95,14 @@ class Summary:
         lines += [f"  {name:<{width}}  {value}" for name, value in rows]
         if self.slowest:
             lines.append("  slowest steps:")
-            lines.append(f"    {'step':>7} {'seq_len':>8} {'long':>5} {'step_s':>9} {'evicted':>11}")
+            lines.append(
+                f"    {'step':>7} {'seq_len':>8} {'longest':>8} {'long':>5} {'step_s':>9} {'evicted':>11}"
+            )
             for s in self.slowest:
                 seq = "?" if s.seq_len is None else str(s.seq_len)
+                longest = "?" if s.longest_example is None else str(s.longest_example)
                 lines.append(
-                    f"    {s.step:>7} {seq:>8} {'yes' if s.long_sequence else 'no':>5} "
+                    f"    {s.step:>7} {seq:>8} {longest:>8} {'yes' if s.long_sequence else 'no':>5} "
                     f"{s.step_s:>9.3f} {format_bytes(s.evicted_bytes):>11}"
                 )
         return "\n".join(lines)
@@ -147,7 +151,7 @@ class SummaryBuilder:
             item = (
                 r.step_s,
                 -r.step,
-                SlowStep(r.step, r.seq_len, r.long_sequence, r.step_s, r.evicted_bytes),
+                SlowStep(r.step, r.seq_len, r.long_sequence, r.step_s, r.evicted_bytes, r.longest_example),
             )
             if len(self._heap) < self.top_k:
                 heapq.heappush(self._heap, item)
