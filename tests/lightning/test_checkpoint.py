@@ -17,6 +17,7 @@ from lightning_paged.core.fingerprint import (
     CheckpointMismatchError,
     tensors_fingerprint,
 )
+from lightning_paged.core.packing import PackCollator, PackedDataset, model_inputs
 from lightning_paged.core.sampling import (
     ResumableSampler,
 )
@@ -37,6 +38,21 @@ def samples(n: int = 10, seq: int = 8) -> list[dict[str, torch.Tensor]]:
     ]
 
 
+def packed_rows() -> PackedDataset:
+    """10 rows of packed examples: 10 of 9-12 tokens, one per row, and 10 of 2-4 in the room left."""
+    g = torch.Generator().manual_seed(3)
+    lengths = (
+        torch.randint(9, 13, (10,), generator=g).tolist() + torch.randint(2, 5, (10,), generator=g).tolist()
+    )
+    examples = [
+        {"input_ids": (ids := torch.randint(0, VOCAB, (n,), generator=g).tolist()), "labels": ids}
+        for n in lengths
+    ]
+    rows = PackedDataset(examples, max_length=16, seed=1)
+    assert len(rows) == 10
+    return rows
+
+
 def loader(data, batch_size: int = 3, num_workers: int = 0) -> DataLoader:
     """What the data module does: a resumable shuffled order; worker seeds from a private generator."""
     return DataLoader(
@@ -45,6 +61,7 @@ def loader(data, batch_size: int = 3, num_workers: int = 0) -> DataLoader:
         sampler=ResumableSampler(data, seed=7),
         generator=torch.Generator().manual_seed(0),
         num_workers=num_workers,
+        collate_fn=PackCollator(pad_token_id=0) if isinstance(data, PackedDataset) else None,
     )
 
 
@@ -64,7 +81,7 @@ class LlamaModule(pl.LightningModule):
         self.batches: list[list[int]] = []
 
     def training_step(self, batch, batch_idx):
-        loss = self.model(**batch).loss
+        loss = self.model(**model_inputs(batch)).loss
         self.losses.append(loss.item())
         self.batches.append(batch["input_ids"][:, 0].tolist())
         return loss
@@ -115,15 +132,16 @@ class CrashAt(pl.Callback):
             raise SimulatedCrash(f"crash at step {self.step + 1}")
 
 
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize(
     "scheduled", [False, True], ids=["loader-built-after-restore", "loader-built-before"]
 )
-def test_resume_after_crash_mid_epoch_matches_uninterrupted_run(tmp_path, scheduled):
-    """10 samples in batches of 3: 4 batches per epoch. Crash after step 5 (mid-epoch 1), resume to
-    step 9: the run crosses an epoch boundary before and after the crash. Dropout is on, so the
-    random generators must come back too, and the learning-rate schedule is not constant.
+def test_resume_after_crash_mid_epoch_matches_uninterrupted_run(tmp_path, scheduled, packing):
+    """10 samples (or packed rows) in batches of 3: 4 batches per epoch. Crash after step 5 (mid-epoch
+    1), resume to step 9: the run crosses an epoch boundary before and after the crash. Dropout is on,
+    so the random generators must come back too, and the learning-rate schedule is not constant.
     With a worker process, the loader's iterator takes indices from the sampler as soon as it exists."""
-    data = samples()
+    data = packed_rows() if packing else samples()
     epochs, workers = (3, 1) if scheduled else (None, 0)
     straight = LlamaModule(scheduled)
     trainer(9, max_epochs=epochs).fit(straight, loader(data, num_workers=workers))
