@@ -6,6 +6,7 @@ from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.export import adapter_from_model, merge_adapter, save_adapter
 from lightning_paged.core.fingerprint import CheckpointMismatchError
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to_qlora
 from lightning_paged.core.sampling import ResumableSampler
@@ -30,6 +31,8 @@ __all__ = [
     "EvictionRecorder",
     "InstructionDataModule",
     "OptimizerConfig",
+    "PackCollator",
+    "PackedDataset",
     "PagedOptimizerMixin",
     "PagedQLoRADDPStrategy",
     "PagedQLoRAStrategy",
@@ -40,9 +43,11 @@ __all__ = [
     "adapter_from_model",
     "build_optimizer",
     "build_scheduler",
+    "check_packing_support",
     "convert_to_qlora",
     "load_tokenizer",
     "merge_adapter",
+    "model_inputs",
     "paging_coverage",
     "repage_optimizer_state",
     "save_adapter",

@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCH))
 import gpu_tokens  # noqa: E402
 from common import compare_runs, fmt_bytes, markdown_table, step_times  # noqa: E402
 
-CPU_SCRIPTS = ("strategy_overhead", "vs_transformers_trainer", "memory_truth")
+CPU_SCRIPTS = ("strategy_overhead", "vs_transformers_trainer", "memory_truth", "packing")
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +119,20 @@ def test_memory_truth_quick(quick_runs):
     assert ours["file_bytes"] < default["file_bytes"]
     assert default["state_dict_tensors"] > ours["state_dict_tensors"]
     assert "bits/param" in markdown
+
+
+def test_packing_quick(quick_runs):
+    report, markdown = finished(quick_runs, "packing")
+    check_machine(report)
+    assert set(report["cases"]) == {"shipped/tiny", "long_tailed/tiny"}
+    for name, summary in report["summary"].items():
+        case = report["cases"][name]
+        padding = summary["padding_fraction"]
+        assert padding["packed"] <= padding["padded_grouped"] < padding["padded_random"]
+        assert summary["ratio_to_padded_random"]["padded_random"] == 1
+        assert case["first_step_loss"]["abs_difference"] < 1e-5  # packed and unpacked: the same loss
+        assert 0.9 < case["packed_fill_rate"] <= 1
+    assert "useful tokens/s" in markdown and "Goal on long_tailed/tiny" in markdown
 
 
 # --- the GPU script's logic, on CPU ---------------------------------------------------------------------

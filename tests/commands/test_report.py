@@ -38,7 +38,7 @@ def write_log(path, lengths=RAMP):
         source, path, long_sequence_threshold=2048, paged_bytes=lambda: 0, clock=lambda: clock["t"]
     )
     for n in lengths:
-        recorder.begin_step(seq_len=n, tokens=n)
+        recorder.begin_step(seq_len=n, tokens=n, longest_example=n)
         clock["t"] += 0.05 + n / 10_000
         recorder.begin_optimizer_step()
         clock["t"] += 0.02 + (max(0, n - 1024) / 20_000)
