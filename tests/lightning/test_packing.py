@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer
+from conftest import SCRIPTS, quiet_trainer, run_script
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.lightning.data import InstructionDataModule
@@ -115,3 +116,21 @@ def test_gradient_accumulation_weighs_every_response_token_the_same(tmp_path, pa
         assert 0 <= float(metrics["train/padding_fraction"]) < 1
     for name, value in grads[0].items():
         torch.testing.assert_close(grads[1][name], value, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.slow
+def test_ddp_weighs_every_response_token_of_the_step_the_same(tmp_path):
+    """Two ranks, one packed row each, rows with different response-token counts: the gradients equal
+    one process's over both rows (the mean over all their response tokens), not the mean of two means."""
+    run_script("packed_ddp_train.py", tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
+    assert ranks[0]["world_size"] == 2
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        from packed_ddp_train import train
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    _, single = train(tmp_path, devices=1, batch_size=2)
+    for name, value in single.grads.items():
+        for rank in ranks:
+            torch.testing.assert_close(rank["grads"][name], value, atol=1e-6, rtol=1e-4, msg=name)
