@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_llama_config
+from conftest import tiny_llama_config
 from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_flash_attention_utils import prepare_fa_kwargs_from_position_ids
@@ -28,20 +28,10 @@ from lightning_paged.core.packing import (
     model_inputs,
     pack_examples,
 )
-from lightning_paged.lightning.data import InstructionDataModule, PadCollator
-from lightning_paged.lightning.module import CausalLMModule
+from lightning_paged.lightning.data import PadCollator
 
 VOCAB = 64
 PAD = 0
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-}
 
 
 def examples(lengths: list[int], seed: int = 0) -> list[dict[str, list[int]]]:
@@ -172,16 +162,6 @@ def test_flash_attention_gets_the_boundaries_of_the_flattened_batch():
     assert inputs["max_length_q"] == int(max_q) == 4 and inputs["attention_mask"] is None
     assert not inputs["use_cache"] and "cu_seq_lens_q" not in model_inputs(batch, llama())
     assert flash_boundaries(batch["position_ids"])["cu_seq_lens_k"] is not None
-
-
-def test_packing_with_an_attention_that_ignores_boundaries_stops_fit(tmp_path):
-    AttentionInterface.register("plain_causal", plain_causal)
-    rows = [{"instruction": f"Uppercase: {w}", "output": w.upper()} for w in ["owl", "horse", "tiger"] * 2]
-    path = write_jsonl(tmp_path / "d.jsonl", rows)
-    dm = InstructionDataModule(path, batch_size=2, val_split=0, packing=True, max_length=128)
-    module = CausalLMModule(model_config={**TINY, "attn_implementation": "plain_causal"})
-    with pytest.raises(SettingError, match="plain_causal"):
-        quiet_trainer(max_steps=1).fit(module, datamodule=dm)
 
 
 # --- the eviction monitor ----------------------------------------------------------------------------

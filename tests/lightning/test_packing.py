@@ -10,20 +10,16 @@ import pytest
 import torch
 from conftest import SCRIPTS, quiet_trainer, run_script
 
+sys.path.insert(0, str(SCRIPTS))
+from packed_ddp_train import TINY, GradRecorder, train
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
 from lightning_paged.core.errors import SettingError
 from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.module import CausalLMModule
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "data"
-TINY = {
-    "model_type": "llama",
-    "hidden_size": 32,
-    "intermediate_size": 64,
-    "num_hidden_layers": 1,
-    "num_attention_heads": 2,
-    "num_key_value_heads": 1,
-    "max_position_embeddings": 512,
-}
 
 
 def write_jsonl(path: Path, rows: list) -> str:
@@ -83,14 +79,6 @@ def test_validation_with_fewer_packed_rows_than_batch_size_is_one_smaller_batch(
 # --- the module: logged figures and per-token weighting ------------------------------------------------
 
 
-class GradRecorder(CausalLMModule):
-    """Keeps the gradients the optimizer is about to use (after the module's own rescaling)."""
-
-    def on_before_optimizer_step(self, optimizer):
-        super().on_before_optimizer_step(optimizer)
-        self.grads = {n: p.grad.clone() for n, p in self.named_parameters() if p.grad is not None}
-
-
 def ragged_data(tmp_path: Path) -> str:
     words = ["a", "owl", "horse", "tiger", "elephant", "hippopotamus", "ox", "crocodile"]
     rows = [
@@ -125,12 +113,22 @@ def test_ddp_weighs_every_response_token_of_the_step_the_same(tmp_path):
     run_script("packed_ddp_train.py", tmp_path)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1)]
     assert ranks[0]["world_size"] == 2
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        from packed_ddp_train import train
-    finally:
-        sys.path.remove(str(SCRIPTS))
     _, single = train(tmp_path, devices=1, batch_size=2)
     for name, value in single.grads.items():
         for rank in ranks:
             torch.testing.assert_close(rank["grads"][name], value, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def plain_causal(module, query, key, value, attention_mask, **kwargs):
+    """Causal over the whole row, blind to example boundaries (tests/core/test_packing.py shows it leaks)."""
+    return sdpa_attention_forward(module, query, key, value, None, **{**kwargs, "is_causal": True})
+
+
+def test_packing_with_an_attention_that_ignores_boundaries_stops_fit(tmp_path):
+    AttentionInterface.register("plain_causal", plain_causal)
+    rows = [{"instruction": f"Uppercase: {w}", "output": w.upper()} for w in ["owl", "horse", "tiger"] * 2]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    dm = InstructionDataModule(path, batch_size=2, val_split=0, packing=True, max_length=128)
+    module = CausalLMModule(model_config={**TINY, "attn_implementation": "plain_causal"})
+    with pytest.raises(SettingError, match="plain_causal"):
+        quiet_trainer(max_steps=1).fit(module, datamodule=dm)

@@ -14,6 +14,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from conftest import quiet_trainer
+
 from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.module import CausalLMModule
 
@@ -50,18 +53,8 @@ def packed_data_module(out_dir: Path, batch_size: int) -> InstructionDataModule:
 def train(out_dir: Path, devices: int, batch_size: int) -> tuple[pl.Trainer, GradRecorder]:
     torch.manual_seed(0)
     module = GradRecorder(model_config=TINY)
-    trainer = pl.Trainer(
-        strategy="ddp" if devices > 1 else "auto",
-        accelerator="cpu",
-        devices=devices,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        limit_val_batches=0,
-    )
+    strategy = "ddp" if devices > 1 else "auto"
+    trainer = quiet_trainer(strategy=strategy, devices=devices, max_steps=1, limit_val_batches=0)
     trainer.fit(module, datamodule=packed_data_module(out_dir, batch_size))
     return trainer, module
 
