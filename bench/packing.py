@@ -101,9 +101,9 @@ def batches_of(variant: str, data: list[dict[str, list[int]]], max_length: int, 
     """The first ``steps`` batches of ``variant``'s loader over ``data`` (epoch 0, seed 0)."""
     from torch.utils.data import DataLoader
 
-    from lightning_paged.core.packing import PackCollator, PackedDataset, model_inputs
+    from lightning_paged.core.packing import PackCollator, PackedDataset, PadCollator, model_inputs
     from lightning_paged.core.sampling import ResumableSampler
-    from lightning_paged.lightning.data import LengthGroupedBatchSampler, PadCollator
+    from lightning_paged.lightning.data import LengthGroupedBatchSampler
 
     if variant == "packed":
         rows = PackedDataset(data, max_length, seed=0)
@@ -139,8 +139,7 @@ def first_step_loss(data: list[dict[str, list[int]]], max_length: int, model_nam
     import torch
     from workloads import build_model
 
-    from lightning_paged.core.packing import PackCollator, PackedDataset, model_inputs
-    from lightning_paged.lightning.data import PadCollator
+    from lightning_paged.core.packing import PackCollator, PackedDataset, PadCollator, model_inputs
 
     model = build_model(MODELS[model_name]).eval()
     rows = PackedDataset(data, max_length, seed=0)

@@ -9,6 +9,8 @@ Framework-free, so a Fabric or Accelerate loop packs exactly as the Lightning da
   and counts it).
 - :class:`PackedDataset` holds those rows; a sampler shuffles the rows, so the order of an epoch
   depends only on the seed and the epoch (:class:`~lightning_paged.core.sampling.ResumableSampler`).
+- :class:`PadCollator` is the padded alternative: each example a row, padded to the longest, with
+  an ``attention_mask``.
 - :class:`PackCollator` turns a list of rows into a batch the model reads without a 2-D attention
   mask: ``input_ids``, ``labels`` (-100 off the response and on each example's first token, which no
   earlier token of the same example predicts), ``position_ids`` restarting at 0 for every example
@@ -121,6 +123,25 @@ class PackedDataset(Dataset):
     def fill_rate(self) -> float:
         """Fraction of the rows' capacity that real tokens fill (1 - the padding a full-width batch has)."""
         return fill_rate(self.rows, self.lengths, self.max_length)
+
+
+class PadCollator:
+    """Pads a list of samples on the right to the longest one: ``input_ids``, ``attention_mask``, ``labels``."""
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        width = max(len(s["input_ids"]) for s in samples)
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            input_ids[row, :n] = torch.tensor(sample["input_ids"])
+            labels[row, :n] = torch.tensor(sample["labels"])
+            attention_mask[row, :n] = 1
+        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class PackCollator:

@@ -31,7 +31,7 @@ from typing_extensions import override
 
 from lightning_paged.core.data_files import read_records
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.packing import IGNORE_INDEX, PackCollator, PackedDataset
+from lightning_paged.core.packing import IGNORE_INDEX, PackCollator, PackedDataset, PadCollator
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 
@@ -328,25 +328,6 @@ class InstructionDataModule(LightningDataModule):
     def test_dataloader(self) -> DataLoader | list:
         """The validation split (the file has no separate test split)."""
         return self.val_dataloader()
-
-
-class PadCollator:
-    """Pads a list of samples on the right to the longest one: ``input_ids``, ``attention_mask``, ``labels``."""
-
-    def __init__(self, pad_token_id: int) -> None:
-        self.pad_token_id = pad_token_id
-
-    def __call__(self, samples: Sequence[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
-        width = max(len(s["input_ids"]) for s in samples)
-        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
-        for row, sample in enumerate(samples):
-            n = len(sample["input_ids"])
-            input_ids[row, :n] = torch.tensor(sample["input_ids"])
-            labels[row, :n] = torch.tensor(sample["labels"])
-            attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 
 class LengthGroupedBatchSampler(BatchSampler):

@@ -22,13 +22,13 @@ from lightning_paged.core.eviction.sources import open_source
 from lightning_paged.core.packing import (
     IGNORE_INDEX,
     PackCollator,
+    PadCollator,
     check_packing_support,
     fill_rate,
     flash_boundaries,
     model_inputs,
     pack_examples,
 )
-from lightning_paged.lightning.data import PadCollator
 
 VOCAB = 64
 PAD = 0
