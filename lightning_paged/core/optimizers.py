@@ -20,6 +20,7 @@ import torch
 from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.kernels import cuda_8bit_refusal, cuda_algorithms
 from lightning_paged.core.paging import PagingPolicy, install_paging, is_bitsandbytes_optimizer, warn_once
 from lightning_paged.core.settings import did_you_mean
 
@@ -206,6 +207,61 @@ def _fit_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any]) -> dict[str
     return fitted
 
 
+def _without_empty(params: list[Any]) -> list[Any]:
+    """``params`` without zero-element tensors (and groups left empty by that).
+
+    They have nothing to learn, and bitsandbytes' CUDA kernels cannot take them: a kernel launched
+    over zero elements fails its launch check, which ends the process (``exit(1)``).
+    """
+    kept: list[Any] = []
+    for item in params:
+        if isinstance(item, Mapping):
+            tensors = [t for t in item["params"] if t.numel() > 0]
+            if tensors:
+                kept.append({**item, "params": tensors})
+        elif item.numel() > 0:
+            kept.append(item)
+    return kept
+
+
+_KIN_8BIT = {"lamb": "adamw_8bit", "lars": "sgd_8bit"}
+"""An 8-bit name whose CUDA kernel is the one the refused algorithm's 32-bit update reuses
+(bitsandbytes' ``str2optimizer32bit`` gives ``lamb`` the adam kernels, ``lars`` the momentum ones)."""
+
+
+def refuse_missing_cuda_kernels(
+    optimizer: torch.optim.Optimizer, name: str, device: torch.device | None = None
+) -> None:
+    """Raise :class:`SettingError` when ``optimizer``'s first step would fail on CUDA for want of a kernel.
+
+    ``name`` is the optimizer setting as the user gave it; ``device`` stands for every parameter's
+    device (None: each parameter's own). The nearest names that run are suggested: the same algorithm
+    with 32-bit state, and the 8-bit name whose CUDA kernel that algorithm's 32-bit update reuses.
+    """
+    algorithm = cuda_8bit_refusal(optimizer, device)
+    if algorithm is None:
+        return
+    kernels, where = cuda_algorithms(8)
+    spec = OPTIMIZERS.get(name)
+    names = []
+    if spec is not None and algorithm in cuda_algorithms(32)[0]:
+        names = [
+            n
+            for n, s in OPTIMIZERS.items()
+            if (s.algorithm, s.bits, s.paged) == (spec.algorithm, 32, spec.paged)
+        ]
+    if algorithm in _KIN_8BIT:
+        names.append(_KIN_8BIT[algorithm])
+    instead = " or ".join(f"'{n}'" for n in names) if names else "an optimizer with 32-bit state"
+    raise SettingError(
+        "name",
+        name,
+        f"cannot train on a CUDA GPU: bitsandbytes has 8-bit CUDA kernels for {', '.join(sorted(kernels))} "
+        f"(read from {where}), not for '{algorithm}', and would fail at the first step (its CPU backend "
+        f"has one, which is why it trains on a CPU); use {instead}",
+    )
+
+
 def _first_device(params: list[Any]) -> torch.device | None:
     for item in params:
         tensors = item["params"] if isinstance(item, Mapping) else [item]
@@ -227,9 +283,11 @@ def build_optimizer(
     decided from it). ``kwargs`` go to the optimizer class; of :data:`COMMON_SETTINGS` those
     the algorithm has no parameter for are dropped. Every bitsandbytes optimizer gets ``paging``
     (default: adapters paged too, through a pool); where its device has no managed memory, a
-    paged name keeps ordinary state and says so once per run.
+    paged name keeps ordinary state and says so once per run. Zero-element tensors are left out
+    (bitsandbytes' CUDA kernels cannot take them), and a name whose 8-bit update bitsandbytes has no
+    CUDA kernel for (``lamb_8bit``, ``lars_8bit``) is refused on a CUDA parameter.
     """
-    params = list(params)
+    params = _without_empty(list(params))
     if not params:
         raise SettingError("params", params, "is empty; the model has no trainable parameters to optimize")
     label = name if isinstance(name, str) else getattr(name, "__name__", repr(name))
@@ -254,6 +312,7 @@ def build_optimizer(
     except (ValueError, NotImplementedError, TypeError) as err:
         raise SettingError("name", label, f"cannot be built with {fitted}: {err}") from err
     if is_bitsandbytes_optimizer(optimizer):
+        refuse_missing_cuda_kernels(optimizer, label)
         policy = paging or PagingPolicy()
         install_paging(optimizer, policy)
         device = _first_device(params)

@@ -37,6 +37,8 @@ POOL_SLAB_BYTES = 64 * 2**20
 """Size of each managed allocation the pool carves small states from (larger requests get their own size)."""
 POOL_ALIGN = 512
 """Byte alignment of each state inside a pool slab (what the CUDA caching allocator guarantees too)."""
+LIVE_BYTES = "live_bytes"
+"""Attribute of a pool slab: bytes of state carved from it so far (the rest of it was never touched)."""
 STATE_BUFFERS = ("state1", "state2")
 """The per-parameter buffers bitsandbytes can page; quantization maps and block maxima never are."""
 
@@ -145,6 +147,7 @@ class PagedPool:
         if slab is None or used + span > slab.numel():
             slab, used = self.memory.allocate(max(self.slab_bytes, span), device), 0
         self._slabs[device.index] = (slab, used + span)
+        setattr(slab, LIVE_BYTES, getattr(slab, LIVE_BYTES, 0) + nbytes)  # what the monitor reports
         raw = _mark_paged(slab[used : used + nbytes], slab)
         self.memory.zero_(raw)
         return _mark_paged(raw.view(dtype).view(shape), slab)
@@ -177,7 +180,13 @@ class PagingPolicy:
         return None
 
     def paged_buffer(self, param: torch.Tensor, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-        """A zeroed paged buffer for one state of ``param``."""
+        """A zeroed paged buffer for one state of ``param``.
+
+        An empty state is an ordinary empty tensor: bitsandbytes' ``fill`` of zero elements would
+        launch a CUDA kernel over no blocks, whose failed launch check ends the process.
+        """
+        if math.prod(shape) == 0:
+            return torch.zeros(shape, dtype=dtype, device=param.device)
         if param.numel() < PAGE_THRESHOLD and self.pooled:
             return self.pool.take(shape, dtype, param.device)
         flat = self.memory.allocate(math.prod(shape) * dtype.itemsize, param.device)
@@ -341,7 +350,7 @@ def paging_coverage(optimizer: torch.optim.Optimizer) -> PagingCoverage:
                     continue
                 nbytes = value.numel() * value.element_size()
                 ident = (value.data_ptr(), nbytes)
-                if ident in seen:  # the shared quantization maps
+                if ident in seen or not nbytes:  # the shared quantization maps; empty states
                     continue
                 seen.add(ident)
                 if getattr(value, "is_paged", False):
@@ -376,7 +385,11 @@ def repage_optimizer_state(optimizer: torch.optim.Optimizer, policy: PagingPolic
                 continue
             for key in STATE_BUFFERS:
                 value = state.get(key)
-                if not isinstance(value, torch.Tensor) or getattr(value, "is_paged", False):
+                if (
+                    not isinstance(value, torch.Tensor)
+                    or getattr(value, "is_paged", False)
+                    or not value.numel()
+                ):
                     continue
                 buffer = policy.paged_buffer(param, tuple(value.shape), value.dtype)
                 buffer.copy_(value)

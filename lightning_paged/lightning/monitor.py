@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import torch
 from lightning.pytorch.callbacks.callback import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.types import STEP_OUTPUT
@@ -54,7 +55,8 @@ class EvictionMonitor(Callback):
     - ``eviction/device_free_bytes`` — lowest free device memory seen during the step
     - ``eviction/alloc_retries`` — caching-allocator retries during the step
     - ``eviction/ooms`` — out-of-memory errors during the step
-    - ``eviction/paged_bytes_total`` — bytes of all bitsandbytes paged tensors (sizes only)
+    - ``eviction/paged_bytes_total`` — bytes of optimizer state in paged memory (sizes only)
+    - ``eviction/paged_capacity_bytes`` — managed memory allocated for it (paging-pool slabs whole)
 
     With the ``pressure`` source the eviction and page-in figures are estimates; the log marks them
     with ``"estimated": true``.
@@ -107,6 +109,24 @@ class EvictionMonitor(Callback):
         self.summary: Summary | None = None
         self.path: Path | None = None
         self._log_dir: Path | None = None
+
+    def before_cuda_init(self, device: torch.device) -> None:
+        """Configure CUPTI's unified-memory counters before the CUDA context exists, as NVIDIA's samples do.
+
+        The QLoRA strategies call this from ``setup_environment``, before the device set-up creates
+        the context; without them the source configures when the fit starts. A refusal is kept and
+        reported once when the source starts, which then falls back to the pressure source.
+        """
+        if (
+            self.source not in ("auto", "cupti")
+            or device.type != "cuda"
+            or getattr(torch.version, "hip", None)
+        ):
+            return
+        from lightning_paged.core.eviction.sources.cupti import configure_counters, cupti_importable
+
+        if cupti_importable():
+            configure_counters(device.index or 0)
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -64,7 +64,8 @@ class EvictionRecorder:
         seq_len_fn: reads ``seq_len`` (or ``(seq_len, tokens)``) from batches of another shape.
         rank: global rank written into each record.
         top_k: how many of the slowest steps the summary lists.
-        paged_bytes: returns the bytes of paged tensors; by default bitsandbytes' list, sizes only.
+        paged_bytes: returns the bytes of state in paged tensors (its ``capacity()``, when it has one, the
+            managed memory they take); by default :class:`PagedBytes` over bitsandbytes' list, sizes only.
         notify: where one-time notices go (default: this module's logger, as warnings).
     """
 
@@ -202,6 +203,7 @@ class EvictionRecorder:
             alloc_retries=counters.alloc_retries,
             ooms=counters.ooms,
             paged_bytes_total=paged_total,
+            paged_capacity_bytes=self._paged_capacity(),
             source=self.source.name,
             estimated=counters.estimated,
             rank=self.rank,
@@ -215,6 +217,10 @@ class EvictionRecorder:
         self._tokens = self._longest = None
         self._step += 1
         return record
+
+    def _paged_capacity(self) -> int | None:
+        capacity = getattr(self._paged_bytes, "capacity", None)
+        return int(capacity()) if callable(capacity) else None
 
     @contextmanager
     def step(self, batch: Any = None, **kwargs: Any) -> Iterator[EvictionRecorder]:

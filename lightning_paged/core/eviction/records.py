@@ -70,7 +70,7 @@ class StepRecord:
     ooms: int | None
     """Out-of-memory errors raised during the step."""
     paged_bytes_total: int
-    """Bytes of all paged (managed-memory) tensors bitsandbytes has allocated; sizes only, never contents."""
+    """Bytes of optimizer state in paged (managed-memory) tensors on this device; sizes only, never contents."""
     source: str
     """Which event source produced the counters: ``cupti``, ``pressure`` or ``none``."""
     estimated: bool
@@ -79,6 +79,8 @@ class StepRecord:
     """Global rank of the process that recorded the step."""
     run: str
     """Identifies the run that wrote the line, so runs appended to one file can be told apart."""
+    paged_capacity_bytes: int | None
+    """Managed memory allocated for that state (paging-pool slabs counted whole); None in older logs."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -95,5 +97,5 @@ class StepRecord:
 
 
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(StepRecord))
-OPTIONAL_FIELDS: tuple[str, ...] = ("longest_example",)
+OPTIONAL_FIELDS: tuple[str, ...] = ("longest_example", "paged_capacity_bytes")
 """Fields added after the first logs were written: None when a line lacks them."""

@@ -38,6 +38,7 @@ METRIC_FIELDS = (
     "alloc_retries",
     "ooms",
     "paged_bytes_total",
+    "paged_capacity_bytes",
 )
 """The record fields logged as metrics, each as ``eviction/<field>``."""
 

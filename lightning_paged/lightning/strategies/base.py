@@ -75,6 +75,20 @@ class QLoRAStrategyMixin:
         self._adapter_info: dict[str, Any] = {}
         self._resume = ResumeTracker()
 
+    def setup_environment(self) -> None:
+        """Let callbacks prepare before CUDA: the base class's device set-up creates the CUDA context.
+
+        A callback with a ``before_cuda_init(device)`` method (the eviction monitor configures its
+        CUPTI counters there, as NVIDIA's samples do) gets the root device first.
+        """
+        module = getattr(self, "_lightning_module", None)
+        trainer = getattr(module, "_trainer", None)
+        for callback in getattr(trainer, "callbacks", None) or []:
+            hook = getattr(callback, "before_cuda_init", None)
+            if callable(hook):
+                hook(self.root_device)  # type: ignore[attr-defined]
+        super().setup_environment()  # type: ignore[misc]
+
     def _check_precision(self) -> None:
         precision = self.precision_plugin  # type: ignore[attr-defined]
         if type(precision) is Precision or isinstance(precision, MixedPrecision):

@@ -9,7 +9,7 @@ import torch
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.sources.base import EventSource, Notify, OnceNotifier, SourceUnavailable
-from lightning_paged.core.eviction.sources.cupti import CuptiSource, cupti_available
+from lightning_paged.core.eviction.sources.cupti import CuptiSource, cupti_importable
 from lightning_paged.core.eviction.sources.null import NullSource
 from lightning_paged.core.eviction.sources.pressure import MemoryProbe, MemorySample, PressureSource
 
@@ -95,7 +95,7 @@ def _build(name: str, dev: torch.device, probe: Any, binding: Any, once: OnceNot
             raise _expected(f"training runs on {dev.type}, not on a CUDA GPU")
         if getattr(torch.version, "hip", None):
             raise _expected("this is a ROCm build of torch; CUPTI does not see HIP managed memory")
-        if binding is None and not cupti_available():
+        if binding is None and not cupti_importable():
             raise _expected("cupti-python is not installed (pip install lightning-paged[cupti])")
         return CuptiSource(device_index=index, binding=binding, notify=once)
     if probe is None and not on_cuda:

@@ -18,8 +18,21 @@ samples ``cupti-python-samples/cupti_common.py`` (``configure_uvm_activity``, ``
 - ``activity_enable(kind)``, ``activity_disable(kind)``, ``ActivityKind.UNIFIED_MEMORY_COUNTER``;
 - ``activity_flush_all(1)`` (1 = ``CUPTI_ACTIVITY_FLAG_FLUSH_FORCED``: also incomplete buffers);
 - ``get_timestamp()``: nanoseconds on the same clock as the records' ``start``/``end``;
-- failures raise ``cuptiError`` whose ``status`` is a ``Result`` (e.g.
-  ``ERROR_UM_PROFILING_NOT_SUPPORTED``, ``..._ON_DEVICE``, ``..._ON_NON_P2P_DEVICES``, ``..._WITH_MPS``).
+- failures raise ``cuptiError`` (an ``Exception``) whose ``status`` is a ``Result`` (e.g.
+  ``ERROR_UM_PROFILING_NOT_SUPPORTED``, ``..._ON_DEVICE``, ``..._ON_NON_P2P_DEVICES``, ``..._WITH_MPS``);
+- ``import cupti.cupti`` succeeds without a driver or libcupti: the library is loaded at the first
+  real call, which then raises ``cupti._internal.utils.NotSupportedError`` ("CUDA driver is not
+  found (libcuda.so.1: ...)") or ``FunctionNotFoundError``, both ``RuntimeError`` subclasses, or
+  ``cuda.pathfinder``'s ``DynamicLibNotFoundError`` (a ``RuntimeError`` too) when libcupti is missing.
+  Every call that reaches CUPTI is guarded against all of these (:func:`refusals`).
+
+Order: NVIDIA's unified-memory sample (CUPTI ``samples/unified_memory``) calls ``cuInit``, then
+registers the buffer callbacks, configures the counters and enables the activity kind, all before
+its first allocation creates a context. :func:`configure_counters` is that configuration, callable
+before torch creates its CUDA context (the strategies call it from ``setup_environment`` through
+:meth:`EvictionMonitor.before_cuda_init <lightning_paged.lightning.monitor.EvictionMonitor>`); a
+source started without it configures at its own start, as before, and a refusal either way makes
+automatic selection fall back to the pressure source with the reason.
 
 Record meaning (CUPTI documentation of ``CUpti_ActivityUnifiedMemoryCounter3``): ``value`` is bytes
 for HTOD/DTOH/THRASHING, the number of fault groups for GPU_PAGE_FAULT; ``start`` is when the
@@ -38,6 +51,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -71,13 +85,85 @@ class UmEvent(NamedTuple):
     flags: int
 
 
-def cupti_available() -> bool:
-    """The one availability check for ``cupti-python``."""
+def cupti_importable() -> bool:
+    """Whether ``cupti.cupti`` imports (it does without a driver or libcupti; see :func:`cupti_available`)."""
     try:
         import cupti.cupti  # noqa: F401
-    except Exception:  # ImportError, or an OSError when libcupti is missing or collides
+    except Exception:  # ImportError, or an OSError when a compiled part cannot load
         return False
     return True
+
+
+def refusals(binding: Any) -> tuple[type[BaseException], ...]:
+    """What a CUPTI call can raise when it cannot do its work here: ``cuptiError`` and ``RuntimeError``.
+
+    ``RuntimeError`` covers cupti-python's ``NotSupportedError`` and ``FunctionNotFoundError`` (no
+    driver, no libcupti, a libcupti without the function) and ``cuda.pathfinder``'s
+    ``DynamicLibNotFoundError``; ``OSError`` a library that is found but does not load.
+    """
+    error = getattr(binding, "cuptiError", None)
+    others: tuple[type[BaseException], ...] = (RuntimeError, OSError)
+    return (error, *others) if isinstance(error, type) else others
+
+
+def cupti_unavailable_reason(binding: Any = None) -> str | None:
+    """Why CUPTI cannot be used here, or None when a real call (``get_timestamp``) succeeds.
+
+    ``binding`` replaces the ``cupti.cupti`` module (tests).
+    """
+    if binding is None:
+        if not cupti_importable():
+            return "cupti-python is not installed (pip install lightning-paged[cupti])"
+        import cupti.cupti as module
+
+        binding = module
+    try:
+        binding.get_timestamp()
+    except refusals(binding) as err:
+        return unsupported_reason(binding, err)
+    return None
+
+
+def cupti_available(binding: Any = None) -> bool:
+    """The one availability check for CUPTI: cupti-python imports and a real call succeeds."""
+    return cupti_unavailable_reason(binding) is None
+
+
+_configured: weakref.WeakKeyDictionary[Any, dict[int, str | None]] = weakref.WeakKeyDictionary()
+"""Per binding and device: None once the counters are configured, else why CUPTI refused."""
+
+
+def configure_counters(device_index: int = 0, binding: Any = None, *, again: bool = False) -> str | None:
+    """Configure CUPTI's unified-memory counters for one device, once; None when done, else why not.
+
+    Call it before the CUDA context is created, as NVIDIA's sample does; a second call for the same
+    device returns the first answer without asking CUPTI again, unless ``again`` (after the PyTorch
+    profiler, which may have torn CUPTI down). ``binding`` replaces ``cupti.cupti``.
+    """
+    if binding is None:
+        if not cupti_importable():
+            return "cupti-python is not installed (pip install lightning-paged[cupti])"
+        import cupti.cupti as module
+
+        binding = module
+    done = _configured.setdefault(binding, {})
+    if device_index in done and not again:
+        return done[device_index]
+    b = binding
+    try:
+        kinds = [getattr(b.ActivityUnifiedMemoryCounterKind, k) for k in COUNTER_KINDS]
+        config = b.ActivityUnifiedMemoryCounterConfig(len(kinds))
+        config.scope = b.ActivityUnifiedMemoryCounterScope.PROCESS_SINGLE_DEVICE
+        config.device_id = device_index
+        config.enable = 1
+        for i, kind in enumerate(kinds):
+            config[i].kind = kind
+        b.activity_configure_unified_memory_counter(config.ptr, len(kinds))
+    except refusals(b) as err:
+        done[device_index] = unsupported_reason(b, err)
+    else:
+        done[device_index] = None
+    return done[device_index]
 
 
 def parse_records(activities: Iterable[Any], um_kind: int) -> list[UmEvent]:
@@ -174,10 +260,12 @@ def torch_profiler_active() -> bool:
 
 
 def unsupported_reason(binding: Any, err: BaseException) -> str:
-    """A user-facing reason from a ``cuptiError`` (its ``status`` is a ``Result``)."""
+    """A user-facing reason from what a CUPTI call raised (a ``cuptiError``'s ``status`` is a ``Result``)."""
     status = getattr(err, "status", None)
+    if status is None:  # NotSupportedError and the other RuntimeErrors: the message says it all
+        return f"CUPTI cannot be used here ({type(err).__name__}: {err or 'no further detail'})"
     try:
-        name = binding.Result(status).name if status is not None else type(err).__name__
+        name = binding.Result(status).name
     except (ValueError, TypeError, AttributeError):
         name = str(status)
     hints = {
@@ -229,33 +317,31 @@ class CuptiSource(EventSource):
     # lifecycle ---------------------------------------------------------------------------------
     def start(self) -> None:
         if self._binding is None:
-            if not cupti_available():
+            if not cupti_importable():
                 raise SourceUnavailable(
                     "cupti-python is not installed (pip install lightning-paged[cupti])", expected=True
                 )
             import cupti.cupti as binding
 
             self._binding = binding
+        reason = cupti_unavailable_reason(self._binding)
+        if reason is not None:
+            raise SourceUnavailable(reason)
         if self._profiler_active():
             self._notify("the PyTorch profiler is running: eviction counting waits until it stops")
             return
         self._register()
 
-    def _register(self) -> None:
+    def _register(self, again: bool = False) -> None:
         b = self._binding
         self._um_kind = int(b.ActivityKind.UNIFIED_MEMORY_COUNTER)
-        kinds = [getattr(b.ActivityUnifiedMemoryCounterKind, k) for k in COUNTER_KINDS]
-        config = b.ActivityUnifiedMemoryCounterConfig(len(kinds))
-        config.scope = b.ActivityUnifiedMemoryCounterScope.PROCESS_SINGLE_DEVICE
-        config.device_id = self.device_index
-        config.enable = 1
-        for i, kind in enumerate(kinds):
-            config[i].kind = kind
+        refused = configure_counters(self.device_index, b, again=again)  # at first, done before CUDA
+        if refused is not None:
+            raise SourceUnavailable(refused)
         try:
-            b.activity_configure_unified_memory_counter(config.ptr, len(kinds))
             b.activity_register_callbacks(self._buffer_requested, self._buffer_completed)
             b.activity_enable(b.ActivityKind.UNIFIED_MEMORY_COUNTER)
-        except b.cuptiError as err:
+        except refusals(b) as err:
             raise SourceUnavailable(unsupported_reason(b, err)) from err
         self._registered = True
 
@@ -266,7 +352,7 @@ class CuptiSource(EventSource):
         try:
             b.activity_flush_all(FLUSH_FORCED)
             b.activity_disable(b.ActivityKind.UNIFIED_MEMORY_COUNTER)
-        except b.cuptiError as err:  # stopping must not fail a run that has finished
+        except refusals(b) as err:  # stopping must not fail a run that has finished
             log.debug("CUPTI stop: %s", err)
         self._registered = False
         self._attributor.drop(self._take())
@@ -276,7 +362,7 @@ class CuptiSource(EventSource):
         try:
             b.activity_flush_all(FLUSH_FORCED)
             b.activity_disable(b.ActivityKind.UNIFIED_MEMORY_COUNTER)
-        except b.cuptiError as err:
+        except refusals(b) as err:
             log.debug("CUPTI pause: %s", err)
         self._registered = False
         self._attributor.drop(self._take())
@@ -304,13 +390,16 @@ class CuptiSource(EventSource):
             self._pause()
         elif not profiling and not self._registered and not self._given_up:
             try:
-                self._register()  # first step after the profiler stopped: take CUPTI back
+                self._register(again=True)  # first step after the profiler stopped: take CUPTI back
             except SourceUnavailable as err:
                 self._given_up = True
                 self._notify(f"eviction counting stays off: CUPTI could not be taken back ({err})")
         self._paused_step = not self._registered
         if self._registered:
-            self._attributor.open(step, int(self._binding.get_timestamp()))
+            try:
+                self._attributor.open(step, int(self._binding.get_timestamp()))
+            except refusals(self._binding) as err:
+                self._fail(err)
 
     def synchronize(self) -> None:
         if self._sync is not None:
@@ -327,9 +416,21 @@ class CuptiSource(EventSource):
             self._pause()
             return StepCounters()
         b = self._binding
-        end_ns = int(b.get_timestamp())
-        b.activity_flush_all(FLUSH_FORCED)
+        try:
+            end_ns = int(b.get_timestamp())
+            b.activity_flush_all(FLUSH_FORCED)
+        except refusals(b) as err:
+            self._fail(err)
+            return StepCounters()
         return self._attributor.close(end_ns, self._take())
+
+    def _fail(self, err: BaseException) -> None:
+        """CUPTI refused in the middle of a run: count nothing more, say why once, let training go on."""
+        self._registered = False
+        self._given_up = True
+        self._paused_step = True
+        self._attributor.drop(self._take())
+        self._notify(f"eviction counting stopped: {unsupported_reason(self._binding, err)}")
 
     def unattributed(self) -> dict[str, int]:
         return dict(self._attributor.unattributed)

@@ -12,6 +12,9 @@ Every figure this source reports is an estimate (``estimated=True`` in the recor
 - With ``pynvml`` importable and a driver that has them, NVML's cumulative PCIe counters replace
   that: bytes the GPU sent (TX) count as evicted, bytes it received (RX) as paged in. They cover
   all PCIe traffic of the device, batch uploads and other processes included: an upper bound.
+  ``nvml.h`` says of both counters "Value can be wrapped": a counter that went down wrapped around
+  the width of its value type (``valueType`` of the field value), and the difference is taken
+  modulo that width.
 - Allocator retries and OOMs are exact deltas of ``torch.cuda.memory_stats``.
 """
 
@@ -34,6 +37,8 @@ NOISE_BYTES = 2 * 1024 * 1024
 # NVML_FI_DEV_PCIE_COUNT_RX_BYTES = 198; pynvml exposes them under the same names).
 _NVML_PCIE_TX = 197
 _NVML_PCIE_RX = 198
+# nvmlValueType_t (nvml.h; pynvml's NVML_VALUE_TYPE_*) -> (member of the nvmlValue_t union, bits)
+_NVML_UNSIGNED = {1: ("uiVal", 32), 2: ("ulVal", 64), 3: ("ullVal", 64), 6: ("usVal", 16)}
 
 
 @dataclass(frozen=True)
@@ -54,6 +59,8 @@ class MemorySample:
     """Cumulative bytes the device received over PCIe (NVML), or None without NVML."""
     pcie_tx: int | None = None
     """Cumulative bytes the device sent over PCIe (NVML), or None without NVML."""
+    pcie_wrap: int | None = None
+    """The PCIe counters count modulo this (2 to the bits of their NVML value type); None: never wrap."""
 
     @property
     def resident(self) -> int:
@@ -85,9 +92,9 @@ class CudaMemoryProbe:
 
         free, total = torch.cuda.mem_get_info(self.device_index)
         stats = _allocator_stats(self.device_index)
-        rx = tx = None
+        rx = tx = wrap = None
         if self._nvml_handle is not None:
-            rx, tx = _nvml_pcie_bytes(self._nvml_handle)
+            rx, tx, wrap = _nvml_pcie_bytes(self._nvml_handle)
         return MemorySample(
             free=int(free),
             total=int(total),
@@ -96,6 +103,7 @@ class CudaMemoryProbe:
             ooms=stats[2],
             pcie_rx=rx,
             pcie_tx=tx,
+            pcie_wrap=wrap,
         )
 
     def synchronize(self) -> None:
@@ -146,7 +154,7 @@ def _nvml_handle(device_index: int) -> object | None:
         handle = pynvml.nvmlDeviceGetHandleByUUID(
             uuid if uuid.startswith(("GPU-", "MIG-")) else f"GPU-{uuid}"
         )
-        rx, tx = _nvml_pcie_bytes(handle)
+        rx, tx, _ = _nvml_pcie_bytes(handle)
     except Exception as err:  # NVML reports unsupported fields and devices in many ways
         log.info("NVML PCIe counters unavailable (%s); using the resident-memory estimate", err)
         return None
@@ -156,13 +164,22 @@ def _nvml_handle(device_index: int) -> object | None:
     return handle
 
 
-def _nvml_pcie_bytes(handle: object) -> tuple[int | None, int | None]:
-    """Cumulative (received, sent) PCIe bytes; pynvml's FieldValue carries the result in ``value.ullVal``."""
+def _nvml_pcie_bytes(handle: object) -> tuple[int | None, int | None, int | None]:
+    """Cumulative (received, sent) PCIe bytes and the modulus they wrap at.
+
+    pynvml's ``c_nvmlFieldValue_t`` carries the result in the member of its ``value`` union that
+    ``valueType`` names; an unknown type is read as ``ullVal`` (64 bits).
+    """
     import pynvml
 
     values = pynvml.nvmlDeviceGetFieldValues(handle, [_NVML_PCIE_RX, _NVML_PCIE_TX])
-    out = [int(v.value.ullVal) if v.nvmlReturn == 0 else None for v in values]
-    return out[0], out[1]
+    out: list[int | None] = []
+    bits = 64
+    for v in values:
+        member, width = _NVML_UNSIGNED.get(int(getattr(v, "valueType", 3)), ("ullVal", 64))
+        out.append(int(getattr(v.value, member)) if v.nvmlReturn == 0 else None)
+        bits = min(bits, width)
+    return out[0], out[1], 2**bits
 
 
 class PressureSource(EventSource):
@@ -203,9 +220,9 @@ class PressureSource(EventSource):
         samples = [*self._samples, self.probe.sample()]
         self._samples = []
         first, last = samples[0], samples[-1]
-        if first.pcie_rx is not None and last.pcie_rx is not None and first.pcie_tx is not None:
-            evicted = max(0, (last.pcie_tx or 0) - first.pcie_tx)
-            paged_in = max(0, last.pcie_rx - first.pcie_rx)
+        if None not in (first.pcie_rx, first.pcie_tx, last.pcie_rx, last.pcie_tx):
+            evicted = counter_delta(first.pcie_tx, last.pcie_tx, last.pcie_wrap)
+            paged_in = counter_delta(first.pcie_rx, last.pcie_rx, last.pcie_wrap)
         else:
             evicted, paged_in = _resident_changes(samples)
         return StepCounters(
@@ -216,6 +233,14 @@ class PressureSource(EventSource):
             ooms=last.ooms - first.ooms,
             estimated=True,
         )
+
+
+def counter_delta(before: int | None, after: int | None, wrap: int | None) -> int:
+    """How far a cumulative counter advanced; one that went down wrapped around ``wrap`` (once)."""
+    assert before is not None and after is not None
+    if after >= before:
+        return after - before
+    return after + wrap - before if wrap else 0
 
 
 def _resident_changes(samples: list[MemorySample]) -> tuple[int, int]:
