@@ -24,6 +24,34 @@ DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_arg
 STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(StorageDtype)}
 
 
+def quantize_weight(
+    weight: torch.Tensor, config: QLoRAConfig, device: torch.device, module: Any = None
+) -> Any:
+    """One linear weight as a frozen bitsandbytes ``Params4bit``, quantized on ``device`` from ``compute_dtype``.
+
+    bitsandbytes records the dtype of the tensor it quantizes in ``quant_state.dtype`` and
+    dequantizes back to it in every forward, backward and checkpointed recompute, casting to the
+    activations' dtype afterwards: a float32 source would cost a float32 copy of each weight every
+    time. So the weight is cast to ``compute_dtype`` first (on the host, one layer at a time).
+    transformers' 4-bit loading does the same: it casts each checkpoint tensor to the load dtype
+    (``dtype=``, the compute dtype in the QLoRA recipe) before ``Params4bit`` quantizes it, so
+    the packed bytes match its load of the same files at that dtype. ``module`` is the
+    ``Linear4bit`` that shares the quantization state. Every path that quantizes a base weight
+    (the conversion, a streaming loader) goes through this function.
+    """
+    import bitsandbytes as bnb
+
+    param: Any = bnb.nn.Params4bit(
+        weight.to(DTYPES[config.compute_dtype]),
+        requires_grad=False,
+        compress_statistics=config.double_quant,
+        quant_type=config.quant_type,
+        quant_storage=STORAGE_DTYPES[config.quant_storage],
+        module=module,
+    )
+    return param.to(device)  # quantizes on the target device
+
+
 def quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device) -> nn.Module:
     import bitsandbytes as bnb
 
@@ -38,15 +66,7 @@ def quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device
         quant_storage=STORAGE_DTYPES[config.quant_storage],
         device="meta",
     )
-    weight = bnb.nn.Params4bit(
-        linear.weight.data,
-        requires_grad=False,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=STORAGE_DTYPES[config.quant_storage],
-        module=new,
-    )
-    new.weight = weight.to(device)  # type: ignore[misc]  # quantizes on the target device
+    new.weight = quantize_weight(linear.weight.data, config, device, module=new)
     # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
     # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
     # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.

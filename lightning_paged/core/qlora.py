@@ -26,6 +26,7 @@ from lightning_paged.core.layers4bit import (
     param_count,
     place_non_quantized,
     quantize_linear,
+    quantize_weight,  # noqa: F401  (re-exported: every path that quantizes a base weight calls it)
     quantized_weight_bytes,
     set_submodule,
 )
