@@ -264,3 +264,63 @@ def test_cuda_state_is_paged_again_after_a_checkpoint_load():
     assert all(t.is_paged for t in _state_buffers(optimizer2))
     assert all(torch.equal(a, b.cpu()) for a, b in zip(expected, _state_buffers(optimizer2)))
     step(optimizer2)
+
+
+class FillCheckingMemory(HostMemory):
+    """Refuses to zero an empty range, as bitsandbytes' ``fill`` on CUDA cannot (its launch check exits)."""
+
+    def zero_(self, buffer):
+        assert buffer.numel() > 0, "fill of zero elements"
+        super().zero_(buffer)
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_an_empty_state_is_never_filled_or_allocated(pooled):
+    weight = nn.Parameter(torch.randn(*SMALL))
+    optimizer = bnb_optimizer_with_an_empty_parameter(weight)
+    memory = FillCheckingMemory()
+    policy = PagingPolicy(memory=memory, pooled=pooled)
+    policy.pool.slab_bytes = 2**20
+    from lightning_paged.core.paging import install_paging
+
+    install_paging(optimizer, policy)
+    _run(optimizer, optimizer.param_groups[0]["params"], 1)
+    coverage = paging_coverage(optimizer)
+    assert coverage.paged_bytes == 2 * 4 * 4096 and coverage.unpaged_bytes == {}
+    assert memory.allocations == (1 if pooled else 2)
+    assert repage_optimizer_state(optimizer, policy) == 0
+
+
+def bnb_optimizer_with_an_empty_parameter(weight):
+    """An optimizer built outside ``build_optimizer`` (which drops empty parameters), holding one."""
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW([weight, nn.Parameter(torch.zeros(0))], lr=1e-2, optim_bits=32, is_paged=True)
+
+
+def test_monitor_counts_the_state_in_pool_slabs_not_the_slabs():
+    from bitsandbytes import functional as F
+
+    from lightning_paged.core.eviction.paged import PagedBytes
+
+    class ListedHostMemory(HostMemory):
+        def allocate(self, nbytes, device):  # listed where bitsandbytes lists its managed buffers
+            buffer = super().allocate(nbytes, device)
+            F.GlobalPageManager.get_instance().paged_tensors.append(buffer)
+            return buffer
+
+    listed = F.GlobalPageManager.get_instance().paged_tensors
+    before = len(listed)
+    try:
+        params = _params(SMALL, SMALL, LARGE)
+        memory = ListedHostMemory()
+        policy = PagingPolicy(memory=memory)
+        policy.pool.slab_bytes = 2**20
+        optimizer = build_optimizer("paged_adamw_32bit", params, paging=policy, lr=1e-2)
+        _run(optimizer, params, 1)
+        paged = PagedBytes(device_index=0)
+        state = 2 * 4 * (2 * 4096 + 102_400)
+        assert paged() == state == paging_coverage(optimizer).paged_bytes
+        assert paged.capacity() == 2**20 + 2 * 4 * 102_400  # one slab, whole, and the two large states
+    finally:
+        del listed[before:]
