@@ -324,8 +324,8 @@ def compare_runs(
         a, b = memory(ours, key), memory(theirs, key)
         out[key] = {variant: a, baseline: b, "ratio": ratio(a, b)}
     if all(r.get("gpu_memory") for r in ours + theirs):
-        a, b = (median(r["gpu_memory"]["max_allocated_bytes"] for r in runs) for runs in (ours, theirs))
-        out["gpu_max_allocated_bytes"] = {variant: a, baseline: b, "ratio": ratio(a, b)}
+        a, b = (median(r["gpu_memory"]["peak_device_bytes"] for r in runs) for runs in (ours, theirs))
+        out["gpu_peak_device_bytes"] = {variant: a, baseline: b, "ratio": ratio(a, b)}
     differences = [max(abs(x - y) for x, y in zip(a["losses"], b["losses"])) for a, b in zip(ours, theirs)]
     out["loss_max_abs_difference"] = max(differences)
     return out
@@ -360,7 +360,7 @@ def pair_rows(c: dict[str, Any], variant: str, baseline: str) -> list[list[str]]
     for key, label in (
         ("process_peak_rss_bytes", "peak host memory (process)"),
         ("peak_above_start_bytes", "peak host memory above imports"),
-        ("gpu_max_allocated_bytes", "peak GPU memory (allocated)"),
+        ("gpu_peak_device_bytes", "peak device memory (allocator peak + paged state)"),
     ):
         if key in c:
             rows.append(

@@ -146,12 +146,16 @@ def make_batches(workload: Workload) -> list[dict[str, Any]]:
 
 
 def build_model(workload: Workload, source: Path | None = None) -> Any:
-    """The full-precision model: built from the config with the workload's seed, or loaded from ``source``."""
+    """The model: built from the config with the workload's seed (float32), or loaded from ``source``.
+
+    Loaded in the compute dtype, as the transformers recipe loads it (``dtype=compute``), so both
+    quantize the same values; a model built from the config is cast to it by the conversion.
+    """
     import torch
     from transformers import LlamaForCausalLM
 
     if source is not None:
-        return LlamaForCausalLM.from_pretrained(str(source), dtype=torch.float32)
+        return LlamaForCausalLM.from_pretrained(str(source), dtype=_dtype(workload.compute_dtype))
     torch.manual_seed(workload.seed)
     return LlamaForCausalLM(workload.llama_config())
 
@@ -173,15 +177,33 @@ def _dtype(name: str) -> Any:
     return getattr(torch, name)
 
 
-def _gpu_memory(device: str) -> dict[str, Any] | None:
+def gpu_memory(device: str) -> dict[str, Any] | None:
+    """Device memory of a run, counted the same way for every variant, managed memory included.
+
+    ``torch.cuda.max_memory_allocated`` never sees managed (paged) memory: bitsandbytes allocates it
+    with ``cudaMallocManaged``, outside the caching allocator. ``peak_device_bytes`` is the
+    allocator's peak reservation (what it took from the driver) plus the optimizer state in paged
+    memory (bitsandbytes' list of paged buffers, sizes only; resident on the GPU unless evicted), so a
+    variant that pages more of its state is not flattered. ``used_at_end_bytes`` is what
+    ``cudaMemGetInfo`` counts as used when the run ends (context and other processes included).
+    """
     import torch
+
+    from lightning_paged.core.eviction.paged import PagedBytes
 
     if not device.startswith("cuda"):
         return None
     torch.cuda.synchronize()
+    paged = PagedBytes(torch.cuda.current_device())
+    free, total = torch.cuda.mem_get_info()
+    reserved = torch.cuda.max_memory_reserved()
     return {
+        "peak_device_bytes": reserved + paged(),
         "max_allocated_bytes": torch.cuda.max_memory_allocated(),
-        "max_reserved_bytes": torch.cuda.max_memory_reserved(),
+        "max_reserved_bytes": reserved,
+        "paged_state_bytes": paged(),
+        "paged_capacity_bytes": paged.capacity(),
+        "used_at_end_bytes": total - free,
         "device_name": torch.cuda.get_device_name(),
     }
 
@@ -216,7 +238,7 @@ def _record(
         "cpu_stamps": clock.cpu,
         "losses": losses,
         "memory": window.result(),
-        "gpu_memory": _gpu_memory(workload.device),
+        "gpu_memory": gpu_memory(workload.device),
         "setup_s": clock.wall[0] - started if clock.wall else None,
         "trainable_params": trainable,
         "threads": torch.get_num_threads(),

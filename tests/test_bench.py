@@ -176,7 +176,7 @@ def fake_run(step_s: float, steps: int = 6, allocated: int = 2**30) -> dict:
     stamps = [0.0]
     for i in range(steps):
         stamps.append(stamps[-1] + (3 * step_s if i == 0 else step_s))  # a slow warm-up step
-    return {"stamps": stamps, "gpu_memory": {"max_allocated_bytes": allocated}}
+    return {"stamps": stamps, "gpu_memory": {"peak_device_bytes": allocated}}
 
 
 def test_tokens_per_second_and_throughput_summary():
