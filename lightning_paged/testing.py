@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import os
 from types import SimpleNamespace
+from typing import Any
 
 import torch
 
@@ -197,3 +198,56 @@ class FakeCupti:
 
 def fake_cupti(refuse: CuptiResult | None = None) -> FakeCupti:
     return FakeCupti(refuse)
+
+
+class NotSupportedError(RuntimeError):
+    """Same name and base as cupti-python's ``cupti._internal.utils.NotSupportedError``."""
+
+
+NO_DRIVER = (
+    "CUDA driver is not found (libcuda.so.1: cannot open shared object file: No such file or directory)"
+)
+"""What cupti-python 13.4's first real call says on a machine without a driver."""
+
+
+class UnusableCupti(FakeCupti):
+    """``cupti.cupti`` imported where it cannot run: its structs build, every real call refuses.
+
+    cupti-python imports without a driver or libcupti; its first real call then raises
+    ``NotSupportedError`` (a ``RuntimeError``, not ``cuptiError``). ``fail_after`` real calls work
+    before that (a driver lost in the middle of a run).
+    """
+
+    def __init__(self, fail_after: int = 0) -> None:
+        super().__init__()
+        self.calls = 0
+        self.fail_after = fail_after
+
+    def _call(self) -> None:
+        self.calls += 1
+        if self.calls > self.fail_after:
+            raise NotSupportedError(NO_DRIVER)
+
+    def get_timestamp(self) -> int:
+        self._call()
+        return super().get_timestamp()
+
+    def activity_configure_unified_memory_counter(self, ptr: int, count: int) -> None:
+        self._call()
+        super().activity_configure_unified_memory_counter(ptr, count)
+
+    def activity_register_callbacks(self, requested: Any, completed: Any) -> None:
+        self._call()
+        super().activity_register_callbacks(requested, completed)
+
+    def activity_enable(self, kind: int) -> None:
+        self._call()
+        super().activity_enable(kind)
+
+    def activity_flush_all(self, flag: int) -> None:
+        self._call()
+        super().activity_flush_all(flag)
+
+    def activity_disable(self, kind: int) -> None:
+        self._call()
+        super().activity_disable(kind)

@@ -379,3 +379,33 @@ def test_cli_help_of_both_strategies_shows_each_qlora_setting_with_its_docstring
     for name, doc in docs.items():
         first_words = " ".join(doc.split()[:4])
         assert f"--trainer.strategy.{name}" in help_text and first_words in help_text, name
+
+
+def test_the_strategy_lets_callbacks_prepare_before_its_device_set_up(tiny_llama):
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from lightning_paged import PagedQLoRAStrategy
+    from lightning_paged.lightning.mixin import PagedOptimizerMixin
+
+    order: list[str] = []
+
+    class Recorder(pl.Callback):
+        def before_cuda_init(self, device: torch.device) -> None:
+            order.append(f"before_cuda_init {device.type}")
+
+        def setup(self, trainer, pl_module, stage):
+            order.append("setup")
+
+    class Module(PagedOptimizerMixin, pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = tiny_llama
+
+        def training_step(self, batch, batch_idx):
+            return self.model(input_ids=batch, labels=batch).loss
+
+    strategy = PagedQLoRAStrategy(lora_r=2, compute_dtype="float32", gradient_checkpointing=False)
+    trainer = quiet_trainer(strategy=strategy, max_steps=1, callbacks=[Recorder()])
+    trainer.fit(Module(), DataLoader([torch.randint(0, 128, (8,))], batch_size=1))
+    assert order[:2] == ["before_cuda_init cpu", "setup"]  # setup_environment comes before every setup hook
