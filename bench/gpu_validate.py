@@ -397,7 +397,7 @@ def _calibrated_ballast(free: int, need_long: int, need_short: int, state: int) 
 
 @part("c", "eviction scenario: CUPTI and pressure side by side", 75)
 def part_eviction(out: Path) -> dict[str, Any]:
-    from lightning_paged.core.eviction.sources.cupti import configure_counters, cupti_unavailable_reason
+    from lightning_paged.core.eviction.sources.cupti_setup import configure_counters, cupti_unavailable_reason
 
     early = configure_counters(0)  # before the first CUDA call of this process, as NVIDIA's sample does
     import torch

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.sources import open_source
-from lightning_paged.core.eviction.sources.cupti import cupti_available
+from lightning_paged.core.eviction.sources.cupti_setup import cupti_available
 from lightning_paged.testing import FakeProbe
 
 GIB = 1024**3

@@ -123,7 +123,7 @@ class EvictionMonitor(Callback):
             or getattr(torch.version, "hip", None)
         ):
             return
-        from lightning_paged.core.eviction.sources.cupti import configure_counters, cupti_importable
+        from lightning_paged.core.eviction.sources.cupti_setup import configure_counters, cupti_importable
 
         if cupti_importable():
             configure_counters(device.index or 0)

@@ -11,8 +11,8 @@ import pytest
 
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.sources import PressureSource, open_source
-from lightning_paged.core.eviction.sources.cupti import (
-    CuptiSource,
+from lightning_paged.core.eviction.sources.cupti import CuptiSource
+from lightning_paged.core.eviction.sources.cupti_setup import (
     configure_counters,
     cupti_available,
     cupti_unavailable_reason,

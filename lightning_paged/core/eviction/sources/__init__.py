@@ -9,7 +9,8 @@ import torch
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.sources.base import EventSource, Notify, OnceNotifier, SourceUnavailable
-from lightning_paged.core.eviction.sources.cupti import CuptiSource, cupti_importable
+from lightning_paged.core.eviction.sources.cupti import CuptiSource
+from lightning_paged.core.eviction.sources.cupti_setup import cupti_importable
 from lightning_paged.core.eviction.sources.null import NullSource
 from lightning_paged.core.eviction.sources.pressure import MemoryProbe, MemorySample, PressureSource
 
