@@ -258,18 +258,18 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
-def no_gpu_message() -> str | None:
-    """None when a CUDA GPU is usable, else why not."""
+def no_gpu_message(
+    script: str = "gpu_tokens.py",
+    instead: str = "nothing was measured. The CPU benchmarks are strategy_overhead.py, vs_transformers_trainer.py "
+    "and memory_truth.py; `--plan` prints what this script would run.",
+) -> str | None:
+    """None when a CUDA GPU is usable, else why not: ``script`` needs one, and what to do ``instead``."""
     import torch
 
     if torch.cuda.is_available():
         return None
     build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (
-        f"gpu_tokens.py needs a CUDA GPU and none is available here (torch {torch.__version__}, {build}); "
-        "nothing was measured. The CPU benchmarks are strategy_overhead.py, vs_transformers_trainer.py "
-        "and memory_truth.py; `--plan` prints what this script would run."
-    )
+    return f"{script} needs a CUDA GPU and none is available here (torch {torch.__version__}, {build}); {instead}"
 
 
 # --- workers (on the GPU) -----------------------------------------------------------------------------

@@ -295,14 +295,11 @@ def environment() -> dict[str, Any]:
 
 
 def no_gpu_message() -> str | None:
-    import torch
+    from gpu_tokens import no_gpu_message as needs_gpu
 
-    if torch.cuda.is_available():
-        return None
-    build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-    return (
-        f"gpu_validate.py needs a CUDA GPU and none is available here (torch {torch.__version__}, {build}); "
-        "nothing was run. `--plan` lists the parts; `--dry-run` runs the part runner with demo parts."
+    return needs_gpu(
+        "gpu_validate.py",
+        "nothing was run. `--plan` lists the parts; `--dry-run` runs the part runner with demo parts.",
     )
 
 
@@ -517,11 +514,9 @@ def part_resume(out: Path) -> dict[str, Any]:
     import lightning.pytorch as pl
     from gpu_tokens import QUICK_MODEL
     from lightning.pytorch.callbacks import ModelCheckpoint
-    from torch.utils.data import DataLoader
-    from workloads import build_model, lightning_module, make_batches
+    from workloads import make_batches, run_lightning_paged
 
     from lightning_paged.core.paging import NOT_REPAGED, STATE_BUFFERS, paging_coverage
-    from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 
     workload = replace(QUICK_MODEL, optimizer="paged_adamw_8bit", steps=4, seq_len=128, lora_r=16)
     seen: dict[str, Any] = {}
@@ -543,37 +538,17 @@ def part_resume(out: Path) -> dict[str, Any]:
 
         def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
             if self.when == "resumed" and "resumed_before_step" not in seen:
-                self._look(trainer, "resumed_before_step")
+                self._look(trainer, "resumed_before_step")  # after the mixin re-paged the loaded state
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
             self._look(trainer, f"{self.when}_after_step")
 
-    def trainer(max_steps: int, callbacks: list) -> pl.Trainer:
-        strategy = PagedQLoRAStrategy(
-            compute_dtype="bfloat16", lora_r=workload.lora_r, lora_dropout=0.0, device="cuda:0"
-        )
-        return pl.Trainer(
-            accelerator="gpu",
-            devices=1,
-            strategy=strategy,
-            max_steps=max_steps,
-            logger=False,
-            enable_progress_bar=False,
-            enable_model_summary=False,
-            num_sanity_val_steps=0,
-            limit_val_batches=0,
-            default_root_dir=str(out / "d_run"),
-            callbacks=callbacks,
-        )
-
-    loader = DataLoader(make_batches(workload), batch_size=None)
-    checkpoint = ModelCheckpoint(dirpath=str(out / "d_checkpoints"), save_last=True, every_n_train_steps=1)
-    trainer(2, [checkpoint, Probe("fresh")]).fit(lightning_module(build_model(workload), workload), loader)
-    resumed = trainer(4, [Probe("resumed")])
-    resumed.fit(
-        lightning_module(build_model(workload), workload),
-        loader,
-        ckpt_path=str(out / "d_checkpoints" / "last.ckpt"),
+    batches = make_batches(workload)
+    directory = out / "d_checkpoints"
+    checkpoint = ModelCheckpoint(dirpath=str(directory), save_last=True, every_n_train_steps=1)
+    run_lightning_paged(workload, callbacks=[checkpoint, Probe("fresh")], batches=batches[:2])
+    run_lightning_paged(
+        workload, callbacks=[Probe("resumed")], batches=batches, ckpt_path=str(directory / "last.ckpt")
     )
     fresh, before, after = (
         seen.get(k, {}) for k in ("fresh_after_step", "resumed_before_step", "resumed_after_step")

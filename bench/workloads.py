@@ -382,9 +382,12 @@ def run_lightning_paged(
     source: Path | None = None,
     callbacks: list[Any] | None = None,
     batches: list[dict[str, Any]] | None = None,
+    ckpt_path: str | None = None,
 ) -> dict[str, Any]:
-    """``batches`` replaces the workload's own (one optimizer step each)."""
+    """``batches`` replaces the workload's own (one optimizer step each); ``ckpt_path`` resumes from a
+    checkpoint that a ``ModelCheckpoint`` among ``callbacks`` of an earlier run wrote."""
     import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
 
     from lightning_paged.lightning.strategies import PagedQLoRAStrategy
@@ -409,14 +412,14 @@ def run_lightning_paged(
         strategy=strategy,
         max_steps=len(batches),
         logger=False,
-        enable_checkpointing=False,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks or []),
         enable_progress_bar=False,
         enable_model_summary=False,
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[clock, *(callbacks or [])],
     )
-    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None))
+    trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return _record("lightning_paged", clock.clock, module.losses, window, started, trainable, workload)
 
