@@ -11,6 +11,15 @@ itself is stateful. :class:`ResumeTracker` fills both gaps for a strategy:
   :class:`~lightning_paged.core.sampling.ResumableSampler` at that batch, and puts the generator
   states back right before the first resumed batch, after everything that runs between the restore
   and the first step (loader set-up, ``on_train_start``) has drawn its numbers.
+
+The generator states are those at the end of the last training step, not at the moment of the save,
+and every training step starts from them, in an uninterrupted run too. What runs between two steps
+(the checkpoint itself, validation and the sample it generates, a new epoch's loader) may draw from
+the global generators without shifting the training stream: starting a ``DataLoader`` iterator
+without a ``generator`` draws its base seed from the global one (torch ``dataloader.py``,
+``_BaseDataLoaderIter.__init__``), and a validation that ran after the save in the interrupted run
+is skipped by the resumed one. Without this, dropout masks after a resume from a step that also
+validated differ from the uninterrupted run's.
 """
 
 from __future__ import annotations
@@ -46,6 +55,8 @@ class ResumeTracker:
         self.loaders: list[Any] = []
         self.position: tuple[int, int] | None = None
         self.rng: dict[str, Any] | None = None
+        self.training_rng: dict[str, Any] | None = None
+        """The generator states at the end of the last training step: where the next one starts."""
 
     def state(self) -> dict[str, Any] | None:
         """What a checkpoint saved now must hold to resume exactly (every rank must call this)."""
@@ -60,7 +71,7 @@ class ResumeTracker:
             epoch, batches = epochs.completed + 1, 0
         else:
             epoch, batches = epochs.completed, batches_done.current.ready
-        rng = capture_rng_state()
+        rng = self.training_rng if self.training_rng is not None else capture_rng_state()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             every_rank: list[Any] = [None] * dist.get_world_size()
             dist.all_gather_object(every_rank, rng)
@@ -100,12 +111,24 @@ class ResumeTracker:
         if self.position is not None:
             self._position_loaders([loader])
 
-    def before_first_batch(self) -> None:
-        """Put the generator states back: the resumed step draws what the uninterrupted one drew."""
+    def after_training_step(self) -> None:
+        """Called when a training step's forward pass is done: its generator states start the next one."""
+        trainer = self.trainer
+        if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
+            self.training_rng = capture_rng_state()
+
+    def before_batch(self) -> None:
+        """Put the generator states back: each step draws what it would have drawn in an uninterrupted run.
+
+        The first step of a resume takes the checkpoint's states; every later step (and every step
+        of a run that did not resume) the states its previous step ended with.
+        """
         self.position = None
         if self.rng is not None:
             restore_rng_state(self.rng)
             self.rng = None
+        elif self.training_rng is not None:
+            restore_rng_state(self.training_rng)
         self._end_quiet()
 
     def _end_quiet(self) -> None:

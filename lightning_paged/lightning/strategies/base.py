@@ -205,8 +205,13 @@ class QLoRAStrategyMixin:
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Validation or generation on CPU repacks 4-bit weights for inference (NOTES §3).
         restore_training_layout(self._layers4bit)
-        self._resume.before_first_batch()
+        self._resume.before_batch()
         super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
+
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        self._resume.after_training_step()
+        return output
 
 
 QLoRAStrategyMixin.__doc__ = (QLoRAStrategyMixin.__doc__ or "").rstrip() + args_section(
