@@ -12,6 +12,7 @@ from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.tokenizer import ByteTokenizer, load_tokenizer
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.csv_logger import ResumableCSVLogger
 from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.module import CausalLMModule
@@ -38,6 +39,7 @@ __all__ = [
     "PagedQLoRAStrategy",
     "PagingCoverage",
     "QLoRAConfig",
+    "ResumableCSVLogger",
     "ResumableSampler",
     "SettingError",
     "adapter_from_model",

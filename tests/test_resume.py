@@ -72,7 +72,9 @@ def make_module(sample: bool) -> CausalLMModule:
 
 
 def make_trainer(steps: int, val_every: int, callbacks: list) -> pl.Trainer:
-    strategy = PagedQLoRAStrategy(lora_r=4, lora_dropout=0.1, compute_dtype="float32", gradient_checkpointing=False)
+    strategy = PagedQLoRAStrategy(
+        lora_r=4, lora_dropout=0.1, compute_dtype="float32", gradient_checkpointing=False
+    )
     return pl.Trainer(
         accelerator="cpu",
         strategy=strategy,
@@ -111,14 +113,20 @@ def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
     make_trainer(steps, val_every, [straight]).fit(first_module, data())
 
     crashed = Record()
-    saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=save_every, save_top_k=-1)
+    saver = ModelCheckpoint(
+        dirpath=tmp_path, filename="{step}", every_n_train_steps=save_every, save_top_k=-1
+    )
     with pytest.raises(SimulatedCrash):
-        make_trainer(steps, val_every, [crashed, saver, CrashAfter(crash_after)]).fit(make_module(sample), data())
+        make_trainer(steps, val_every, [crashed, saver, CrashAfter(crash_after)]).fit(
+            make_module(sample), data()
+        )
     assert crashed.losses == straight.losses[:crash_after]
 
     resumed = Record()
     module = make_module(sample)
-    make_trainer(steps, val_every, [resumed]).fit(module, data(), ckpt_path=tmp_path / f"step={crash_after}.ckpt")
+    make_trainer(steps, val_every, [resumed]).fit(
+        module, data(), ckpt_path=tmp_path / f"step={crash_after}.ckpt"
+    )
     assert crashed.losses + resumed.losses == straight.losses  # bit for bit
     for name, value in adapters(first_module).items():
         assert torch.equal(adapters(module)[name], value), name

@@ -2,8 +2,9 @@
 
 A write goes to a temporary file in the target's directory, is flushed to disk (``fsync``) and then
 renamed over the target (``os.replace``, atomic on POSIX and Windows). A crash, a full disk or an
-exception while writing leaves the previous file untouched and no temporary file behind. A
-directory is filled under a temporary name beside its target (:func:`staged_directory`) and
+exception while writing leaves the previous file untouched; an exception also removes the
+temporary file, and one a killed process left behind is removed by :func:`remove_stale_partials`.
+A directory is filled under a temporary name beside its target (:func:`staged_directory`) and
 renamed into place when complete.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator
@@ -19,16 +21,24 @@ from typing import IO, Any
 
 import torch
 
+PARTIAL_SUFFIX = ".partial"
+_PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
+"""The temporary files :func:`atomic_write` makes: ``.<target name>.<8 random characters>.partial``."""
+
 
 class CheckpointReadError(RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) -> None:
-    """Write ``path`` through ``write(file)`` so that it holds either the old or the complete new content."""
+    """Write ``path`` through ``write(file)`` so that it holds either the old or the complete new content.
+
+    An exception removes the temporary file; a process killed while writing (SIGKILL, power loss)
+    leaves it behind, hidden, beside the target: :func:`remove_stale_partials` cleans those up.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=PARTIAL_SUFFIX, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as file:
             write(file)
@@ -41,6 +51,24 @@ def atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], object]) 
             os.unlink(tmp)
         raise
     _fsync_directory(path.parent)
+
+
+def remove_stale_partials(directory: str | os.PathLike) -> list[Path]:
+    """Delete the temporary files a killed :func:`atomic_write` left in ``directory``; returns them.
+
+    Only names of the form ``.<name>.<8 characters>.partial`` (what :func:`atomic_write` creates)
+    are touched, never another file. Call it when no other process is writing into the directory.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for path in directory.iterdir():
+        if _PARTIAL.match(path.name) and path.is_file() and not path.is_symlink():
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+                removed.append(path)
+    return removed
 
 
 def save_checkpoint_file(checkpoint: Any, path: str | os.PathLike) -> None:

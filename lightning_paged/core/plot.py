@@ -80,8 +80,12 @@ def load_run(path: Path, run: int = -1) -> tuple[list[StepRecord], str]:
     if not -len(ids) <= run < len(ids):
         raise ReportError(f"--run {run} is out of range: the log holds {len(ids)} run(s)")
     chosen = ids[run]
-    note = f"run {chosen} ({ids.index(chosen) + 1} of {len(ids)}), {len(runs[chosen])} steps"
-    return runs[chosen], note
+    # A resumed run keeps its id and numbers its steps on from its checkpoint; the steps the
+    # interrupted run took after that checkpoint are recorded again: the later record of a step wins.
+    latest = {record.step: record for record in runs[chosen]}
+    steps = [latest[step] for step in sorted(latest)]
+    note = f"run {chosen} ({ids.index(chosen) + 1} of {len(ids)}), {len(steps)} steps"
+    return steps, note
 
 
 def write_plot(records: list[StepRecord], out: Path, title: str = "", summary_text: str = "") -> None:

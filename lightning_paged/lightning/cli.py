@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import LightningDataModule, LightningModule
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
@@ -73,12 +73,16 @@ class PagedCLI(LightningCLI):
 
     @override
     def _parse_ckpt_path(self) -> None:
-        # Lightning reads the checkpoint's hyperparameters here: check the file first.
+        """Check the ``ckpt_path`` file; keep the config's model section.
+
+        Lightning replaces the model section with the checkpoint's saved hyper-parameters here
+        (lightning 2.6 ``cli.py``, ``LightningCLI._parse_ckpt_path``), silently dropping every
+        ``--model.*`` given with ``--ckpt_path``; ``before_<subcommand>`` compares them instead.
+        """
         subcommand = self.config.get("subcommand")
         ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
         if ckpt_path is not None:
             check_checkpoint_path(ckpt_path)
-        super()._parse_ckpt_path()
 
     @override
     def before_instantiate_classes(self) -> None:
@@ -102,7 +106,26 @@ class PagedCLI(LightningCLI):
         except SettingError as err:
             raise locate_setting_error(err) from err
 
-    def before_fit(self) -> None:  # LightningCLI calls before_<subcommand> when present
+    @override
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        has_bar = any(isinstance(c, ProgressBar) for c in [*(config.get("callbacks") or []), *callbacks])
+        if config.get("enable_progress_bar") is not False and not has_bar:
+            callbacks = [*callbacks, RichProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
+
+    def _check_checkpoint(self) -> None:
+        """Resolve and check ``--ckpt_path`` before the subcommand writes anything into the run."""
+        from lightning_paged.lightning.resume_check import check_resume
+
+        assert self.subcommand is not None
+        arguments = self.config_init[self.subcommand]
+        model_section = self.config[self.subcommand].get("model")
+        arguments["ckpt_path"] = check_resume(
+            arguments.get("ckpt_path"), self.trainer, self.model, model_section
+        )
+
+    # LightningCLI calls before_<subcommand> and after_<subcommand> when present.
+    def before_fit(self) -> None:
         # What fit would refuse only after its loggers have cleared an existing log directory.
         from lightning_paged.lightning.data import InstructionDataModule
         from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
@@ -112,8 +135,18 @@ class PagedCLI(LightningCLI):
         strategy = self.trainer.strategy
         if isinstance(strategy, QLoRAStrategyMixin):
             strategy.check_module(self.model)
+        self._check_checkpoint()
 
-    def after_fit(self) -> None:  # LightningCLI calls after_<subcommand> when present
+    def before_validate(self) -> None:
+        self._check_checkpoint()
+
+    def before_test(self) -> None:
+        self._check_checkpoint()
+
+    def before_predict(self) -> None:
+        self._check_checkpoint()
+
+    def after_fit(self) -> None:
         _print_run_summary(self.trainer)
 
 
@@ -155,6 +188,8 @@ def cli_main(args: list[str] | None = None, run: bool = True, description: str =
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
     from jsonargparse import set_parsing_settings
 
+    from lightning_paged.lightning.config_callback import RunConfigCallback
+
     # Subcommands nest the config under "fit."; this keeps ${vars.x} in a config file pointing at
     # the file's own top level, still resolved after command-line overrides are merged.
     # Attribute docstrings make every settings field (OptimizerConfig, ...) explain itself in --help.
@@ -171,8 +206,8 @@ def cli_main(args: list[str] | None = None, run: bool = True, description: str =
             "exit_on_error": False,  # errors reach the command as exceptions, told in one line there
             "description": description,
         },
+        save_config_callback=RunConfigCallback,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [RichProgressBar()]},
         args=args,
         run=run,
     )

@@ -173,8 +173,12 @@ def check_checkpoint_path(ckpt_path: Any) -> None:
         return
     path = Path(value).expanduser()
     if not path.is_file():
+        from lightning_paged.lightning.resume_check import checkpoint_listing
+
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise SettingError("ckpt_path", value, problem)
+        raise SettingError(
+            "ckpt_path", value, problem + checkpoint_listing(path if path.is_dir() else path.parent)
+        )
     try:
         read_checkpoint(path, weights_only=True)
     except Exception as err:

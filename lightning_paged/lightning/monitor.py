@@ -159,7 +159,7 @@ class EvictionMonitor(Callback):
     ) -> None:
         super().on_train_batch_start(trainer, pl_module, batch, batch_idx)
         if self.recorder is not None:
-            self.recorder.begin_step(batch)
+            self.recorder.begin_step(batch, step=trainer.fit_loop.epoch_loop.total_batch_idx)
 
     @override
     def on_before_optimizer_step(
@@ -197,6 +197,18 @@ class EvictionMonitor(Callback):
         text = share_summary(self.summary, trainer.global_rank, trainer.world_size, self._log_dir)
         if trainer.is_global_zero:
             rank_zero_info(text)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """The run id, so that a resumed run's records continue the same run in the log."""
+        return {"run_id": self.recorder.run_id} if self.recorder is not None else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        # Lightning restores callbacks after on_fit_start, once the recorder exists.
+        run_id = state_dict.get("run_id")
+        if isinstance(run_id, str) and self.recorder is not None:
+            self.recorder.run_id = run_id
 
     @override
     def on_exception(

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.core.atomic import remove_stale_partials
 from lightning_paged.core.sampling import (
     capture_rng_state,
     is_resumable,
@@ -57,6 +58,8 @@ class ResumeTracker:
         self.rng: dict[str, Any] | None = None
         self.training_rng: dict[str, Any] | None = None
         """The generator states at the end of the last training step: where the next one starts."""
+        self.resumed = False
+        self._started = False
 
     def state(self) -> dict[str, Any] | None:
         """What a checkpoint saved now must hold to resume exactly (every rank must call this)."""
@@ -83,6 +86,7 @@ class ResumeTracker:
         """Take the state a checkpoint saved; applied to the loaders and generators before the first step."""
         if saved is None or self.trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
+        self.resumed = True
         self.position = (int(saved["epoch"]), int(saved["batches"]))
         rng = saved.get("rng") or []
         if len(rng) == world_size:
@@ -123,6 +127,9 @@ class ResumeTracker:
         The first step of a resume takes the checkpoint's states; every later step (and every step
         of a run that did not resume) the states its previous step ended with.
         """
+        if not self._started:
+            self._started = True
+            self._start_fit()
         self.position = None
         if self.rng is not None:
             restore_rng_state(self.rng)
@@ -130,6 +137,36 @@ class ResumeTracker:
         elif self.training_rng is not None:
             restore_rng_state(self.training_rng)
         self._end_quiet()
+
+    def _start_fit(self) -> None:
+        """At the first batch of a fit, once the checkpoint is restored and checked: tidy the run up.
+
+        - Loggers with a ``resume_from_step`` method
+          (:class:`~lightning_paged.lightning.csv_logger.ResumableCSVLogger`) drop the rows the fit
+          will log again.
+        - Temporary files a killed checkpoint write left in the checkpoint directories are removed.
+        - After a resume, a checkpoint of a step that is already on disk replaces it instead of
+          being saved beside it as ``-v1``: ``ModelCheckpoint`` versions a name that exists
+          (lightning 2.6 ``callbacks/model_checkpoint.py``, ``_get_metric_interpolated_filepath_name``).
+        """
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        trainer = self.trainer
+        if trainer is None:
+            return
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in trainer.loggers:
+            resume_from_step = getattr(logger, "resume_from_step", None)
+            if callable(resume_from_step):
+                resume_from_step(step)
+        for callback in trainer.checkpoint_callbacks:
+            if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
+                continue
+            if self.resumed:
+                callback._enable_version_counter = False
+            if trainer.is_global_zero and "://" not in str(callback.dirpath):
+                for path in remove_stale_partials(callback.dirpath):
+                    rank_zero_info(f"Removed {path}, left by a checkpoint write that was killed.")
 
     def _end_quiet(self) -> None:
         if self._quiet is not None:

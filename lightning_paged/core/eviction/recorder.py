@@ -136,8 +136,15 @@ class EvictionRecorder:
         seq_len: int | None = None,
         tokens: int | None = None,
         longest_example: int | None = None,
+        step: int | None = None,
     ) -> None:
-        """Start a step. The lengths come from ``batch`` unless ``seq_len`` is given."""
+        """Start a step. The lengths come from ``batch`` unless ``seq_len`` is given.
+
+        ``step`` numbers it (a resumed run passes its global step); by default the step after the
+        previous one, from 0.
+        """
+        if step is not None:
+            self._step = step
         if self._open:
             log.debug("step %d was not ended; it is dropped", self._step)
         if seq_len is None and batch is not None:
