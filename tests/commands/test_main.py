@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -118,3 +121,132 @@ def test_report_and_export_are_subcommands():
         )
         assert result.returncode == 0, result.stderr
         assert "usage" in result.stdout.lower()
+
+
+# --- resume: a kill during a checkpoint write, then resume with --ckpt_path last --------------------
+
+SLOW_CHECKPOINTS = Path(__file__).with_name("slow_checkpoint_cli.py")
+
+
+def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
+    """Dropout on, validation (with a generated sample) at every checkpoint step, every step logged."""
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--vars.run_dir",
+        str(run_dir),
+        "--vars.max_length",
+        "96",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.val_check_interval",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.strategy.init_args.lora_dropout",
+        "0.1",
+        "--trainer.callbacks.every_n_train_steps",
+        "2",
+        "--trainer.callbacks.save_top_k",
+        "-1",
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.optimizer.warmup_steps",
+        "1",
+        "--model.init_args.sample_max_new_tokens",
+        "4",
+    ]
+
+
+def _slow_cli(*args: str, **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        [sys.executable, str(SLOW_CHECKPOINTS), *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kwargs,
+    )
+
+
+def _finish(process: subprocess.Popen) -> str:
+    out, _ = process.communicate(timeout=600)
+    assert process.returncode == 0, out[-4000:]
+    return out
+
+
+def train_losses(run_dir: Path) -> dict[int, str]:
+    """The train/loss column by step; each step must appear once."""
+    with open(run_dir / "logs" / "latest" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), steps
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
+def adapter_weights(path: Path) -> dict:
+    import torch
+
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp_path):
+    """Killed while last.ckpt of step 4 is being written (step=4.ckpt is complete, last.ckpt still
+    holds step 2): --ckpt_path last resumes from step 4, and the run ends as the uninterrupted one."""
+    import torch
+
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    checkpoints = run / "checkpoints"
+    processes = [_slow_cli(*resume_run_args(reference)), _slow_cli(*resume_run_args(run))]
+    straight, killed = processes
+    try:
+        deadline = time.monotonic() + 400
+        partial = None
+        while partial is None and time.monotonic() < deadline and killed.poll() is None:
+            if (checkpoints / "epoch=0-step=4.ckpt").exists():
+                partial = next((p for p in checkpoints.glob(".last.ckpt.*.partial") if p.stat().st_size), None)
+            time.sleep(0.005)
+        if partial is not None:
+            os.kill(killed.pid, signal.SIGKILL)
+        killed.wait(timeout=60)
+        assert partial is not None, killed.communicate()[0][-4000:]
+        assert partial.exists()  # the kill left its temporary file behind
+        assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
+        # Lightning logs a step's metrics after its checkpoint callbacks: step 4's row (logger step 3) is lost.
+        assert sorted(train_losses(run)) == [0, 1, 2]
+
+        resumed = _slow_cli(*resume_run_args(run), "--ckpt_path", "last")
+        processes.append(resumed)
+        out = _finish(resumed)
+        _finish(straight)
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    assert f"Resuming from {checkpoints / 'epoch=0-step=4.ckpt'} (step 4)" in out
+    assert not list(checkpoints.glob("*.partial"))  # the kill's leftover is gone
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [
+        "epoch=0-step=2.ckpt",
+        "epoch=0-step=4.ckpt",
+        "epoch=0-step=6.ckpt",
+        "last.ckpt",
+    ]
+    expected = adapter_weights(reference / "checkpoints" / "last.ckpt")
+    resumed_weights = adapter_weights(checkpoints / "last.ckpt")
+    assert expected.keys() == resumed_weights.keys()
+    assert all(torch.equal(expected[k], resumed_weights[k]) for k in expected)  # bit for bit
+    losses = train_losses(reference)
+    del losses[3]
+    assert train_losses(run) == losses  # every other step once, the same values
+    events = [json.loads(line) for line in (run / "logs" / "latest" / "eviction_events.jsonl").open()]
+    assert [e["step"] for e in events] == list(range(6))  # the killed step's record was written before
+    assert len({e["run"] for e in events}) == 1
