@@ -71,11 +71,11 @@ def make_module(sample: bool) -> CausalLMModule:
     )
 
 
-def make_trainer(steps: int, val_every: int, callbacks: list) -> pl.Trainer:
+def make_trainer(steps: int, val_every: float, callbacks: list, **overrides) -> pl.Trainer:
     strategy = PagedQLoRAStrategy(
         lora_r=4, lora_dropout=0.1, compute_dtype="float32", gradient_checkpointing=False
     )
-    return pl.Trainer(
+    settings: dict = dict(
         accelerator="cpu",
         strategy=strategy,
         max_steps=steps,
@@ -87,6 +87,8 @@ def make_trainer(steps: int, val_every: int, callbacks: list) -> pl.Trainer:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
+    settings.update(overrides)
+    return pl.Trainer(**settings)
 
 
 def adapters(module) -> dict[str, torch.Tensor]:
@@ -130,3 +132,102 @@ def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
     assert crashed.losses + resumed.losses == straight.losses  # bit for bit
     for name, value in adapters(first_module).items():
         assert torch.equal(adapters(module)[name], value), name
+
+
+# --- metrics, event log and checkpoint files across resumes ---------------------------------------
+
+
+def _csv_rows(path) -> list[dict[str, str]]:
+    import csv
+
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_two_resumes_keep_every_metric_once_remove_partials_and_make_no_duplicates(tmp_path, data_file):
+    """Crash after step 4, resume from the older step 2 and crash after step 5, resume from last."""
+    from lightning_paged.core.eviction.log import read_jsonl
+    from lightning_paged.lightning.csv_logger import ResumableCSVLogger
+    from lightning_paged.lightning.monitor import EvictionMonitor
+    from lightning_paged.report import load_run
+
+    checkpoints, logs = tmp_path / "checkpoints", tmp_path / "logs" / "latest"
+
+    def fit(crash_after: int | None, ckpt_path=None) -> None:
+        saver = ModelCheckpoint(
+            dirpath=checkpoints, filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True
+        )
+        callbacks = [EvictionMonitor(source="none", log_metrics=False), saver]
+        callbacks += [CrashAfter(crash_after)] if crash_after else []
+        logger = ResumableCSVLogger(tmp_path, name="logs", version="latest")
+        trainer = make_trainer(6, 2, callbacks, logger=logger, log_every_n_steps=1)
+        data = InstructionDataModule(str(data_file), max_length=80, batch_size=4, val_split=8)
+        if crash_after:
+            with pytest.raises(SimulatedCrash):
+                trainer.fit(make_module(False), data, ckpt_path=ckpt_path)
+        else:
+            trainer.fit(make_module(False), data, ckpt_path=ckpt_path)
+
+    fit(crash_after=4)
+    assert sorted(int(r["step"]) for r in _csv_rows(logs / "metrics.csv") if r["train/loss"]) == [0, 1, 2, 3]
+    with open(logs / "metrics.csv", "a") as f:
+        f.write("0,3,4.1")  # a line the killed run did not finish
+    ours = checkpoints / ".last.ckpt.a1b2c3d4.partial"
+    ours.write_bytes(b"half a checkpoint")
+    users = [
+        checkpoints / name for name in ("notes.partial", ".notes.partial", ".x.ckpt.a1b2c3d4.partial.bak")
+    ]
+    for path in users:
+        path.write_text("a user's file")
+
+    fit(crash_after=5, ckpt_path=checkpoints / "step=2.ckpt")
+    assert not ours.exists() and all(path.exists() for path in users)
+    fit(crash_after=None, ckpt_path="last")
+
+    rows = _csv_rows(logs / "metrics.csv")
+    train = [int(r["step"]) for r in rows if r["train/loss"]]
+    val = [int(r["step"]) for r in rows if r["val/loss"]]
+    assert train == list(range(6))  # every step once, in order, from step 0
+    assert val == [1, 3, 5]
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step=2.ckpt",
+        "step=4.ckpt",
+        "step=6.ckpt",
+    ]  # a resumed run that saves a step again replaces its file: no step=4-v1.ckpt
+    log = logs / "eviction_events.jsonl"
+    assert len({r["run"] for r in read_jsonl(log).records}) == 1  # one run id across the resumes
+    records, _ = load_run(log)
+    assert [r.step for r in records] == list(range(6))  # global steps: one continuous curve
+
+
+def test_an_optimizer_setting_changed_on_resume_takes_effect(tmp_path, data_file):
+    def module(lr: float) -> CausalLMModule:
+        torch.manual_seed(0)
+        return CausalLMModule(model_config=dict(MODEL_CONFIG), optimizer={"name": "adamw", "lr": lr})
+
+    def data() -> InstructionDataModule:
+        return InstructionDataModule(str(data_file), max_length=80, batch_size=4, val_split=0)
+
+    first = make_trainer(2, 1.0, [])
+    first.fit(module(1e-2), data())
+    first.save_checkpoint(tmp_path / "a.ckpt")
+    resumed = make_trainer(3, 1.0, [])
+    resumed.fit(module(1e-3), data(), ckpt_path=tmp_path / "a.ckpt")
+    (group,) = resumed.optimizers[0].param_groups
+    assert group["lr"] == group["initial_lr"] == 1e-3  # restoring alone would have kept 1e-2
+    assert resumed.lr_scheduler_configs[0].scheduler.base_lrs == [1e-3]
+
+
+def test_last_is_the_newest_complete_checkpoint(tmp_path):
+    from lightning_paged.core.atomic import save_checkpoint_file
+    from lightning_paged.lightning.resume_check import newest_checkpoint
+
+    save_checkpoint_file({"global_step": 2}, tmp_path / "last.ckpt")  # killed before last.ckpt moved on
+    save_checkpoint_file({"global_step": 2}, tmp_path / "step=2.ckpt")
+    save_checkpoint_file({"global_step": 4}, tmp_path / "step=4.ckpt")
+    (tmp_path / "step=6.ckpt").write_bytes(b"PK\x03\x04 truncated")  # a copy that was cut off
+    with pytest.warns(UserWarning, match=r"step=6.ckpt .* cannot be read"):
+        assert newest_checkpoint([tmp_path, tmp_path / "missing"]) == tmp_path / "step=4.ckpt"
+    save_checkpoint_file({"global_step": 4}, tmp_path / "last.ckpt")
+    assert newest_checkpoint([tmp_path]) == tmp_path / "last.ckpt"  # a tie goes to last.ckpt

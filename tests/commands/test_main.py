@@ -212,7 +212,9 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
         partial = None
         while partial is None and time.monotonic() < deadline and killed.poll() is None:
             if (checkpoints / "epoch=0-step=4.ckpt").exists():
-                partial = next((p for p in checkpoints.glob(".last.ckpt.*.partial") if p.stat().st_size), None)
+                partial = next(
+                    (p for p in checkpoints.glob(".last.ckpt.*.partial") if p.stat().st_size), None
+                )
             time.sleep(0.005)
         if partial is not None:
             os.kill(killed.pid, signal.SIGKILL)
@@ -250,3 +252,135 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
     events = [json.loads(line) for line in (run / "logs" / "latest" / "eviction_events.jsonl").open()]
     assert [e["step"] for e in events] == list(range(6))  # the killed step's record was written before
     assert len({e["run"] for e in events}) == 1
+
+
+# --- resume: what is checked before anything is written ----------------------------------------------
+
+
+def quick_run_args(run_dir: Path, steps: int = 2, progress_bar: str = "false") -> list[str]:
+    return [
+        "fit",
+        "--config",
+        TINY,
+        "--vars.run_dir",
+        str(run_dir),
+        "--vars.max_length",
+        "96",
+        "--trainer.max_steps",
+        str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        progress_bar,
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.optimizer.warmup_steps",
+        "0",
+    ]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("quick") / "run"
+    assert main(quick_run_args(run_dir)) == 0
+    return run_dir
+
+
+def run_files(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+def refusal(capsys, *args: str) -> str:
+    """The error of a command that must fail: raised, or printed with a non-zero exit status."""
+    try:
+        code = main(list(args))
+    except SystemExit as exit_:
+        code = exit_.code
+    except Exception as err:
+        return str(err)
+    assert code not in (0, None)
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("command", "extra", "message"),
+    [
+        (
+            "fit",
+            ["--trainer.strategy.init_args.lora_r", "8"],
+            r"--trainer.strategy.init_args.lora_r \(16 in the checkpoint, 8 now\)",
+        ),
+        ("fit", ["--seed_everything", "1"], r"another base model .* seed_everything"),
+        (
+            "fit",
+            ["--model.init_args.optimizer.name", "adamw"],
+            r"may not change --model.init_args.optimizer.name \('paged_adamw_8bit' in the checkpoint, 'adamw' now\)",
+        ),
+        (
+            "fit",
+            ["--ckpt_path", "{run}/checkpoints/lats.ckpt"],
+            r"--ckpt_path does not exist; .* holds .*last.ckpt",
+        ),
+        ("fit", ["--ckpt_path", "{truncated}"], r"truncated.ckpt \(.* bytes\) cannot be read"),
+        ("validate", ["--trainer.strategy.init_args.lora_r", "8"], r"lora_r \(16 in the checkpoint, 8 now\)"),
+    ],
+    ids=["other-rank", "other-seed", "other-optimizer", "mistyped-path", "truncated", "validate-other-rank"],
+)
+def test_a_refused_resume_leaves_every_file_of_the_run_as_it_was(
+    capsys, quick_run, tmp_path, command, extra, message
+):
+    import re
+
+    truncated = tmp_path / "truncated.ckpt"
+    last = (quick_run / "checkpoints" / "last.ckpt").read_bytes()
+    truncated.write_bytes(last[: len(last) // 2])
+    before = run_files(quick_run)
+    args = quick_run_args(quick_run, steps=4)
+    args[0] = command
+    if command == "validate":
+        args = [a for a in args if a != "--trainer.max_steps" and a != "4"]
+    extra = [e.format(run=quick_run, truncated=truncated) for e in extra]
+    ckpt = [] if "--ckpt_path" in extra else ["--ckpt_path", str(quick_run / "checkpoints" / "last.ckpt")]
+    err = refusal(capsys, *args, *ckpt, *extra)
+    assert re.search(message, err), err
+    assert run_files(quick_run) == before  # config.yaml, metrics.csv, checkpoints: byte for byte
+
+
+def test_an_allowed_override_on_resume_applies_and_the_progress_bar_flag_is_honoured(
+    caplog, quick_run, tmp_path
+):
+    import shutil
+
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    from lightning_paged.cli import cli_main
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(quick_run, run_dir)
+    args = [
+        *quick_run_args(run_dir, steps=3),
+        "--ckpt_path",
+        "last",
+        "--model.init_args.optimizer.lr",
+        "0.005",
+    ]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert (
+        "changed settings: --model.init_args.optimizer.lr (0.01 in the checkpoint, 0.005 now)" in caplog.text
+    )
+    saved = yaml.safe_load((run_dir / "logs" / "latest" / "config.yaml").read_text())
+    assert saved["model"]["init_args"]["optimizer"]["lr"] == 0.005
+    with open(run_dir / "logs" / "latest" / "metrics.csv") as f:
+        assert [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")] == [0, 1, 2]
+    report = run_dir / "logs" / "latest" / "eviction_report.png"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert report.stat().st_mode & 0o777 == 0o666 & ~umask  # like every other output
+
+    without = cli_main(quick_run_args(tmp_path / "other")[1:], run=False)
+    assert without.trainer.progress_bar_callback is None
+    with_bar = cli_main(quick_run_args(tmp_path / "other", progress_bar="true")[1:], run=False)
+    assert isinstance(with_bar.trainer.progress_bar_callback, RichProgressBar)
