@@ -125,7 +125,7 @@ def test_report_and_export_are_subcommands():
 
 # --- resume: a kill during a checkpoint write, then resume with --ckpt_path last --------------------
 
-SLOW_CHECKPOINTS = Path(__file__).with_name("slow_checkpoint_cli.py")
+SLOW_CHECKPOINTS = ROOT / "tests" / "scripts" / "slow_checkpoint_cli.py"
 
 
 def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
@@ -355,7 +355,7 @@ def test_an_allowed_override_on_resume_applies_and_the_progress_bar_flag_is_hono
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from lightning_paged.cli import cli_main
+    from lightning_paged.lightning.cli import cli_main
 
     run_dir = tmp_path / "run"
     shutil.copytree(quick_run, run_dir)

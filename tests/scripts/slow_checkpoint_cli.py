@@ -10,7 +10,7 @@ import sys
 import time
 from typing import Any
 
-from lightning_paged import cli
+from lightning_paged.commands.main import main
 from lightning_paged.core import atomic
 
 _real_atomic_write = atomic.atomic_write
@@ -41,4 +41,4 @@ def _slow_atomic_write(path: Any, write: Any) -> None:
 atomic.atomic_write = _slow_atomic_write
 
 if __name__ == "__main__":
-    sys.exit(cli.main(sys.argv[1:]))
+    sys.exit(main(sys.argv[1:]))

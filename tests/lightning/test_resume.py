@@ -147,9 +147,9 @@ def _csv_rows(path) -> list[dict[str, str]]:
 def test_two_resumes_keep_every_metric_once_remove_partials_and_make_no_duplicates(tmp_path, data_file):
     """Crash after step 4, resume from the older step 2 and crash after step 5, resume from last."""
     from lightning_paged.core.eviction.log import read_jsonl
+    from lightning_paged.core.plot import load_run
     from lightning_paged.lightning.csv_logger import ResumableCSVLogger
     from lightning_paged.lightning.monitor import EvictionMonitor
-    from lightning_paged.report import load_run
 
     checkpoints, logs = tmp_path / "checkpoints", tmp_path / "logs" / "latest"
 
