@@ -18,7 +18,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
     On a local file system a checkpoint is streamed to a temporary file beside its target, flushed
     to disk and renamed over the target: a crash or an error during the save leaves the previous
-    checkpoint intact and loadable, and no partial file behind. Lightning's own writer buffers the
+    checkpoint intact and loadable. An error removes the temporary file; a killed process leaves it
+    (hidden, ``.<name>.<random>.partial``), and the QLoRA strategies remove those when the next fit starts. Lightning's own writer buffers the
     whole checkpoint in memory and does not flush it to disk before the rename. Remote paths
     (``s3://`` and the like) go through Lightning's writer unchanged.
 

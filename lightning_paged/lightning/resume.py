@@ -144,7 +144,8 @@ class ResumeTracker:
         - Loggers with a ``resume_from_step`` method
           (:class:`~lightning_paged.lightning.csv_logger.ResumableCSVLogger`) drop the rows the fit
           will log again.
-        - Temporary files a killed checkpoint write left in the checkpoint directories are removed.
+        - Temporary files a killed write left in the checkpoint directories and the log directory
+          are removed.
         - After a resume, a checkpoint of a step that is already on disk replaces it instead of
           being saved beside it as ``-v1``: ``ModelCheckpoint`` versions a name that exists
           (lightning 2.6 ``callbacks/model_checkpoint.py``, ``_get_metric_interpolated_filepath_name``).
@@ -159,14 +160,17 @@ class ResumeTracker:
             resume_from_step = getattr(logger, "resume_from_step", None)
             if callable(resume_from_step):
                 resume_from_step(step)
+        directories = [trainer.log_dir] if trainer.log_dir else []  # every rank: log_dir broadcasts
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
                 continue
             if self.resumed:
                 callback._enable_version_counter = False
-            if trainer.is_global_zero and "://" not in str(callback.dirpath):
-                for path in remove_stale_partials(callback.dirpath):
-                    rank_zero_info(f"Removed {path}, left by a checkpoint write that was killed.")
+            directories.append(callback.dirpath)
+        if trainer.is_global_zero:
+            for directory in dict.fromkeys(str(d) for d in directories if "://" not in str(d)):
+                for path in remove_stale_partials(directory):
+                    rank_zero_info(f"Removed {path}, left by a write that was killed.")
 
     def _end_quiet(self) -> None:
         if self._quiet is not None:
