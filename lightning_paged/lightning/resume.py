@@ -160,7 +160,8 @@ class ResumeTracker:
             resume_from_step = getattr(logger, "resume_from_step", None)
             if callable(resume_from_step):
                 resume_from_step(step)
-        directories = [trainer.log_dir] if trainer.log_dir else []  # every rank: log_dir broadcasts
+        # Every rank reads log_dir (it broadcasts); without a logger it is default_root_dir: not ours.
+        directories = [trainer.log_dir] if trainer.loggers and trainer.log_dir else []
         for callback in trainer.checkpoint_callbacks:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
                 continue
