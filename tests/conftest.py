@@ -125,3 +125,24 @@ def tiny_checkpoint_config(**overrides):
     )
     settings.update(overrides)
     return tiny_llama_config(num_key_value_heads=1, **settings)
+
+
+class SimulatedCrash(RuntimeError):
+    """What the crash callbacks raise: a failure in the middle of a fit."""
+
+
+def crash_at(step: int):
+    """A callback that raises when step ``step + 1`` starts, after the checkpoint of step ``step``."""
+    import lightning.pytorch as pl
+
+    class CrashAt(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == step:
+                raise SimulatedCrash(f"crash at step {step + 1}")
+
+    return CrashAt()
+
+
+def trainable_weights(module) -> dict[str, torch.Tensor]:
+    """Copies of a module's trainable (adapter) weights."""
+    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}

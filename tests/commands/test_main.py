@@ -128,8 +128,7 @@ def test_report_and_export_are_subcommands():
 SLOW_CHECKPOINTS = ROOT / "tests" / "scripts" / "slow_checkpoint_cli.py"
 
 
-def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
-    """Dropout on, validation (with a generated sample) at every checkpoint step, every step logged."""
+def quick_run_args(run_dir: Path, steps: int = 2, progress_bar: str = "false") -> list[str]:
     return [
         "fit",
         "--config",
@@ -140,22 +139,33 @@ def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
         "96",
         "--trainer.max_steps",
         str(steps),
+        "--trainer.limit_val_batches",
+        "0",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--trainer.enable_progress_bar",
+        progress_bar,
+        "--data.init_args.batch_size",
+        "2",
+        "--model.init_args.optimizer.warmup_steps",
+        "0",
+    ]
+
+
+def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
+    """Dropout on, validation (with a generated sample) at every checkpoint step, every step logged."""
+    return [
+        *quick_run_args(run_dir, steps),
         "--trainer.val_check_interval",
         "2",
         "--trainer.limit_val_batches",
         "1",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        "false",
         "--trainer.strategy.init_args.lora_dropout",
         "0.1",
         "--trainer.callbacks.every_n_train_steps",
         "2",
         "--trainer.callbacks.save_top_k",
         "-1",
-        "--data.init_args.batch_size",
-        "2",
         "--model.init_args.optimizer.warmup_steps",
         "1",
         "--model.init_args.sample_max_new_tokens",
@@ -255,30 +265,6 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
 
 
 # --- resume: what is checked before anything is written ----------------------------------------------
-
-
-def quick_run_args(run_dir: Path, steps: int = 2, progress_bar: str = "false") -> list[str]:
-    return [
-        "fit",
-        "--config",
-        TINY,
-        "--vars.run_dir",
-        str(run_dir),
-        "--vars.max_length",
-        "96",
-        "--trainer.max_steps",
-        str(steps),
-        "--trainer.limit_val_batches",
-        "0",
-        "--trainer.log_every_n_steps",
-        "1",
-        "--trainer.enable_progress_bar",
-        progress_bar,
-        "--data.init_args.batch_size",
-        "2",
-        "--model.init_args.optimizer.warmup_steps",
-        "0",
-    ]
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import failing_torch_save, tiny_checkpoint_config
+from conftest import SimulatedCrash, crash_at, failing_torch_save, tiny_checkpoint_config, trainable_weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
@@ -113,25 +113,6 @@ def trainer(steps: int, callbacks=(), max_epochs: int | None = None, **overrides
     )
 
 
-def adapters(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class CrashAt(pl.Callback):
-    """Raises when step ``step + 1`` starts, after the checkpoint of step ``step`` was written."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"crash at step {self.step + 1}")
-
-
 @pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
 @pytest.mark.parametrize(
     "scheduled", [False, True], ids=["loader-built-after-restore", "loader-built-before"]
@@ -149,7 +130,7 @@ def test_resume_after_crash_mid_epoch_matches_uninterrupted_run(tmp_path, schedu
     first = LlamaModule(scheduled)
     saver = ModelCheckpoint(dirpath=tmp_path, filename="{step}", every_n_train_steps=5, save_top_k=-1)
     with pytest.raises(SimulatedCrash):
-        trainer(9, callbacks=[saver, CrashAt(5)], max_epochs=epochs).fit(
+        trainer(9, callbacks=[saver, crash_at(5)], max_epochs=epochs).fit(
             first, loader(data, num_workers=workers)
         )
     assert first.losses == straight.losses[:5]
@@ -162,8 +143,8 @@ def test_resume_after_crash_mid_epoch_matches_uninterrupted_run(tmp_path, schedu
     assert t.global_step == 9
     assert first.batches + resumed.batches == straight.batches  # same data, same order, nothing skipped
     assert first.losses + resumed.losses == straight.losses  # bit for bit
-    for name, value in adapters(straight).items():
-        assert torch.equal(adapters(resumed)[name], value), name
+    for name, value in trainable_weights(straight).items():
+        assert torch.equal(trainable_weights(resumed)[name], value), name
 
 
 def test_checkpoint_carries_fingerprint_settings_and_resume_position(tmp_path):

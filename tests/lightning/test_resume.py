@@ -7,6 +7,7 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
+from conftest import SimulatedCrash, crash_at, trainable_weights
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_paged.lightning.data import InstructionDataModule
@@ -48,19 +49,6 @@ class Record(pl.Callback):
         self.losses.append(float(outputs["loss"]))
 
 
-class SimulatedCrash(RuntimeError):
-    pass
-
-
-class CrashAfter(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise SimulatedCrash(f"crash after step {self.step}")
-
-
 def make_module(sample: bool) -> CausalLMModule:
     torch.manual_seed(0)
     return CausalLMModule(
@@ -91,10 +79,6 @@ def make_trainer(steps: int, val_every: float, callbacks: list, **overrides) -> 
     return pl.Trainer(**settings)
 
 
-def adapters(module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
-
-
 @pytest.mark.parametrize(
     ("val_every", "save_every", "crash_after", "sample"),
     [(3, 3, 3, True), (2, 3, 3, False)],
@@ -119,7 +103,7 @@ def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
         dirpath=tmp_path, filename="{step}", every_n_train_steps=save_every, save_top_k=-1
     )
     with pytest.raises(SimulatedCrash):
-        make_trainer(steps, val_every, [crashed, saver, CrashAfter(crash_after)]).fit(
+        make_trainer(steps, val_every, [crashed, saver, crash_at(crash_after)]).fit(
             make_module(sample), data()
         )
     assert crashed.losses == straight.losses[:crash_after]
@@ -130,8 +114,8 @@ def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
         module, data(), ckpt_path=tmp_path / f"step={crash_after}.ckpt"
     )
     assert crashed.losses + resumed.losses == straight.losses  # bit for bit
-    for name, value in adapters(first_module).items():
-        assert torch.equal(adapters(module)[name], value), name
+    for name, value in trainable_weights(first_module).items():
+        assert torch.equal(trainable_weights(module)[name], value), name
 
 
 # --- metrics, event log and checkpoint files across resumes ---------------------------------------
@@ -158,7 +142,7 @@ def test_two_resumes_keep_every_metric_once_remove_partials_and_make_no_duplicat
             dirpath=checkpoints, filename="{step}", every_n_train_steps=2, save_top_k=-1, save_last=True
         )
         callbacks = [EvictionMonitor(source="none", log_metrics=False), saver]
-        callbacks += [CrashAfter(crash_after)] if crash_after else []
+        callbacks += [crash_at(crash_after)] if crash_after else []
         logger = ResumableCSVLogger(tmp_path, name="logs", version="latest")
         trainer = make_trainer(6, 2, callbacks, logger=logger, log_every_n_steps=1)
         data = InstructionDataModule(str(data_file), max_length=80, batch_size=4, val_split=8)
