@@ -77,9 +77,13 @@ def save_checkpoint_file(checkpoint: Any, path: str | os.PathLike) -> None:
 
 
 def read_checkpoint(
-    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None
+    path: str | os.PathLike, map_location: Any = "cpu", weights_only: bool | None = None, mmap: bool = False
 ) -> dict[str, Any]:
-    """``torch.load`` a checkpoint file, with a clear error when it is missing, empty or truncated."""
+    """``torch.load`` a checkpoint file, with a clear error when it is missing, empty or truncated.
+
+    ``mmap=True`` maps the tensors instead of reading them (cheap for looking at the metadata); a
+    truncated file is still refused, since its zip directory, at the end, is missing.
+    """
     path = Path(path)
     if not path.is_file():
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
@@ -88,7 +92,7 @@ def read_checkpoint(
     if size == 0:
         raise CheckpointReadError(f"Checkpoint {path} is empty (0 bytes): it was never completely written")
     try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only)
+        checkpoint = torch.load(path, map_location=map_location, weights_only=weights_only, mmap=mmap)
     except Exception as err:
         if "weights only" in str(err).lower() or "weights_only" in str(err):
             raise  # a readable file whose content the safe loader refuses: torch's message says what to do

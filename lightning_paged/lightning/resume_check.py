@@ -145,15 +145,16 @@ def newest_checkpoint(directories: list[Path]) -> Path | None:
 
 
 def _read(path: Path) -> dict[str, Any]:
+    """A checkpoint's contents, its tensors mapped rather than read."""
     try:
-        return read_checkpoint(path, weights_only=True)
+        return read_checkpoint(path, weights_only=True, mmap=True)
     except FileNotFoundError as err:
         raise CheckpointReadError(str(err)) from None
     except CheckpointReadError:
         raise
     except Exception:
         # Hyper-parameters of a module trained outside the CLI may hold objects the safe loader refuses.
-        return read_checkpoint(path, weights_only=False)
+        return read_checkpoint(path, weights_only=False, mmap=True)
 
 
 def checkpoint_listing(directory: Path) -> str:
