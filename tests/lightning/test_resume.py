@@ -72,6 +72,7 @@ def make_trainer(steps: int, val_every: float, callbacks: list, **overrides) -> 
         num_sanity_val_steps=0,
         logger=False,
         callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
         enable_progress_bar=False,
         enable_model_summary=False,
     )
