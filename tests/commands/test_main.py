@@ -307,7 +307,7 @@ def refusal(capsys, *args: str) -> str:
         (
             "fit",
             ["--ckpt_path", "{run}/checkpoints/lats.ckpt"],
-            r"--ckpt_path does not exist; .* holds .*last.ckpt",
+            r"ckpt_path does not exist; .* holds .*last.ckpt",
         ),
         ("fit", ["--ckpt_path", "{truncated}"], r"truncated.ckpt \(.* bytes\) cannot be read"),
         ("validate", ["--trainer.strategy.init_args.lora_r", "8"], r"lora_r \(16 in the checkpoint, 8 now\)"),
