@@ -86,9 +86,8 @@ def check_resume(
                 "ckpt_path", str(ckpt_path), f"does not exist{checkpoint_listing(path.parent)}"
             )
     checkpoint = _read(path)
-    if model_section is not None:
-        _check_model_settings(checkpoint, model_section, path)
-    _check_base_and_strategy(checkpoint, trainer, model, path)
+    base_changes = _check_model_settings(checkpoint, model_section, path) if model_section is not None else []
+    _check_base_and_strategy(checkpoint, trainer, model, path, base_changes)
     step = checkpoint.get("global_step")
     rank_zero_info(f"Resuming from {path}" + (f" (step {step})." if step is not None else "."))
     return str(path)
@@ -166,16 +165,17 @@ def checkpoint_listing(directory: Path) -> str:
     return f"; {directory} holds {shown} (or give --ckpt_path last for the newest)"
 
 
-def _check_model_settings(checkpoint: Mapping[str, Any], model_section: Any, path: Path) -> None:
+def _check_model_settings(checkpoint: Mapping[str, Any], model_section: Any, path: Path) -> list[str]:
+    """Refuse model settings a resume may not change; log the allowed changes; return those of the base."""
     saved = dict(checkpoint.get("hyper_parameters") or {})
     if not saved:
-        return
+        return []
     section = _plain(model_section)
     if not isinstance(section, dict):
-        return
+        return []
     now = _flatten(section.get("init_args") or {})
     before = _flatten({k: v for k, v in saved.items() if k not in _HPARAMS_BOOKKEEPING})
-    refused, changed = [], []
+    refused, changed, base_changes = [], [], []
     saved_class = saved.get("_class_path")
     if saved_class is not None and section.get("class_path") not in (None, saved_class):
         refused.append(
@@ -185,7 +185,10 @@ def _check_model_settings(checkpoint: Mapping[str, Any], model_section: Any, pat
         if before[key] == now[key]:
             continue
         change = f"--{MODEL_PREFIX}{key} ({before[key]!r} in the checkpoint, {now[key]!r} now)"
-        if key in RESUMABLE_MODEL_SETTINGS or key.split(".")[0] in BASE_MODEL_SETTINGS:
+        if key.split(".")[0] in BASE_MODEL_SETTINGS:
+            base_changes.append(change)
+            changed.append(change)
+        elif key in RESUMABLE_MODEL_SETTINGS:
             changed.append(change)
         else:
             refused.append(change)
@@ -200,9 +203,12 @@ def _check_model_settings(checkpoint: Mapping[str, Any], model_section: Any, pat
         )
     if changed:
         rank_zero_info(f"Resuming {path.name} with changed settings: {'; '.join(changed)}.")
+    return base_changes
 
 
-def _check_base_and_strategy(checkpoint: Mapping[str, Any], trainer: Any, model: Any, path: Path) -> None:
+def _check_base_and_strategy(
+    checkpoint: Mapping[str, Any], trainer: Any, model: Any, path: Path, base_changes: list[str]
+) -> None:
     from lightning_paged.lightning.strategies.base import CHECKPOINT_KEY, QLoRAStrategyMixin
 
     strategy = trainer.strategy
@@ -215,6 +221,8 @@ def _check_base_and_strategy(checkpoint: Mapping[str, Any], trainer: Any, model:
     saved_fingerprint = Fingerprint.from_dict(saved["fingerprint"])
     differences = describe_differences(saved_fingerprint, current, where=f"--{STRATEGY_PREFIX}")
     if differences:
+        if base_changes and saved_fingerprint.base.sha256 != current.base.sha256:
+            differences[0] += f", after changing {' and '.join(base_changes)}"
         raise mismatch_error(
             differences,
             f"Resume {path} with the base model and strategy settings of the run that wrote it, or start a "

@@ -82,9 +82,6 @@ class Row:
     marks: list = field(default_factory=list)
 
 
-PENDING_RESUME = pytest.mark.xfail(
-    reason="resume checks that run before anything is written are not in yet", strict=False
-)
 ROOT_USER = "root may write anywhere" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
 HAS_CUDA = "a GPU is visible here" if torch.cuda.is_available() else ""
 
@@ -282,13 +279,11 @@ ROWS = [
         "resume_other_settings",
         ["--ckpt_path", "{ckpt}", f"{STRATEGY}lora_r", "8"],
         ["lora_r"],
-        marks=[PENDING_RESUME],
     ),
     Row(
         "resume_other_base",
         ["--ckpt_path", "{ckpt}", f"{MODEL}model_config.hidden_size", "64"],
         ["hidden_size"],
-        marks=[PENDING_RESUME],
     ),
     # the other commands
     Row("export_missing_run", ["export", "{bad}/no-such-run", "--out", "{bad}/export"], ["no-such-run"]),
