@@ -79,18 +79,22 @@ def make_trainer(steps: int, val_every: float, callbacks: list, **overrides) -> 
 
 
 @pytest.mark.parametrize(
-    ("val_every", "save_every", "crash_after", "sample"),
-    [(3, 3, 3, True), (2, 3, 3, False)],
-    ids=["validation-and-sample-at-the-checkpoint", "validation-cadence-not-dividing"],
+    ("val_every", "save_every", "crash_after", "sample", "packing"),
+    [(3, 3, 3, True, False), (2, 3, 3, False, False), (3, 3, 3, True, True)],
+    ids=["validation-and-sample-at-the-checkpoint", "validation-cadence-not-dividing", "packed"],
 )
 def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
-    tmp_path, data_file, val_every, save_every, crash_after, sample
+    tmp_path, data_file, val_every, save_every, crash_after, sample, packing
 ):
     """12 training samples in batches of 4: 3 batches an epoch. Dropout on; validation draws from
     the global generator when its loader starts (a loader without its own generator)."""
     steps = 7
 
     def data() -> InstructionDataModule:
+        if packing:  # whole samples packed into rows of at most 160 tokens, one row a batch
+            return InstructionDataModule(
+                str(data_file), max_length=160, batch_size=1, val_split=8, packing=True
+            )
         return InstructionDataModule(str(data_file), max_length=80, batch_size=4, val_split=8)
 
     straight = Record()
