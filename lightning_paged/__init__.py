@@ -5,6 +5,7 @@ from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.export import adapter_from_model, merge_adapter, save_adapter
 from lightning_paged.core.fingerprint import CheckpointMismatchError
+from lightning_paged.core.loading import LoadReport, WeightLoadError, empty_model, load_and_convert
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
@@ -31,6 +32,7 @@ __all__ = [
     "EvictionMonitor",
     "EvictionRecorder",
     "InstructionDataModule",
+    "LoadReport",
     "OptimizerConfig",
     "PackCollator",
     "PackedDataset",
@@ -42,11 +44,14 @@ __all__ = [
     "ResumableCSVLogger",
     "ResumableSampler",
     "SettingError",
+    "WeightLoadError",
     "adapter_from_model",
     "build_optimizer",
     "build_scheduler",
     "check_packing_support",
     "convert_to_qlora",
+    "empty_model",
+    "load_and_convert",
     "load_tokenizer",
     "merge_adapter",
     "model_inputs",

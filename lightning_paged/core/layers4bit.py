@@ -7,7 +7,7 @@ undoing bitsandbytes' CPU inference repacking.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import torch
@@ -52,7 +52,18 @@ def quantize_weight(
     return param.to(device)  # quantizes on the target device
 
 
-def quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device) -> nn.Module:
+def quantize_linear(
+    linear: nn.Linear, config: QLoRAConfig, device: torch.device, weight: torch.Tensor | None = None
+) -> nn.Module:
+    """The ``Linear4bit`` for ``linear``, quantized on ``device`` from ``weight`` (default: its own)."""
+    source = linear.weight.data if weight is None else weight
+    return linear4bit(linear, config, device, lambda new: quantize_weight(source, config, device, module=new))
+
+
+def linear4bit(
+    linear: nn.Linear, config: QLoRAConfig, device: torch.device, weight: Callable[[Any], nn.Parameter]
+) -> nn.Module:
+    """A ``Linear4bit`` in place of ``linear`` whose 4-bit weight ``weight(new_layer)`` makes on ``device``."""
     import bitsandbytes as bnb
 
     compute_dtype = DTYPES[config.compute_dtype]
@@ -66,7 +77,7 @@ def quantize_linear(linear: nn.Linear, config: QLoRAConfig, device: torch.device
         quant_storage=STORAGE_DTYPES[config.quant_storage],
         device="meta",
     )
-    new.weight = quantize_weight(linear.weight.data, config, device, module=new)
+    new.weight = weight(new)
     # On CPUs with AVX512-BF16 an eval forward would repack the weight in place for inference,
     # storing absmax in bfloat16; undoing that re-quantizes it, so every validation pass would
     # nudge the frozen base weights. Training needs them bit-stable: keep the training layout.
@@ -119,17 +130,22 @@ def place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.dev
     """
     import bitsandbytes as bnb
 
-    floating = torch.float32 if config.upcast_non_quantized else DTYPES[config.compute_dtype]
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
             continue
-        norm = _is_norm(module)
+        dtype = non_quantized_dtype(module, config)
         for param in module.parameters(recurse=False):
             if param.is_floating_point():
-                dtype = torch.float32 if norm else floating
                 param.data = param.data.to(device=device, dtype=dtype)
-        if norm and not config.upcast_non_quantized:
+        if _is_norm(module) and not config.upcast_non_quantized:
             module.register_forward_hook(_cast_back_to_input_dtype)
+
+
+def non_quantized_dtype(module: nn.Module, config: QLoRAConfig) -> torch.dtype:
+    """The dtype of a floating-point weight of ``module`` that stays unquantized (see ``place_non_quantized``)."""
+    if config.upcast_non_quantized or _is_norm(module):
+        return torch.float32
+    return DTYPES[config.compute_dtype]
 
 
 def enable_checkpointing(model: Any) -> bool:

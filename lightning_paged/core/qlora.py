@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal, get_args
 
@@ -229,16 +229,33 @@ def select_layers(model: nn.Module, config: QLoRAConfig) -> tuple[list[str], lis
     return linear_names, quantized, _resolve_targets(config, linear_names, quantized)
 
 
+LayerSource = Callable[[str, nn.Linear], nn.Module]
+"""Given a linear layer's name and the layer, its 4-bit replacement (the streaming loader's hook)."""
+
+
 def convert_to_qlora(
-    model: nn.Module, config: QLoRAConfig | None = None, device: torch.device | str | None = None
+    model: nn.Module,
+    config: QLoRAConfig | None = None,
+    device: torch.device | str | None = None,
+    *,
+    layers: LayerSource | None = None,
 ) -> ConversionReport:
     """Convert ``model`` in place: 4-bit base weights, LoRA adapters, only adapters trainable.
 
     Quantization happens on ``device`` (the model's current device when None), one layer at a
-    time, so a model on the host never needs its 16-bit weights on the accelerator.
+    time, so a model on the host never needs its 16-bit weights on the accelerator. A model built
+    empty from a directory (:func:`~lightning_paged.core.loading.empty_model`) is filled from its
+    files here, each weight read and quantized in turn (the host never holds the 16-bit model).
+    ``layers`` makes each 4-bit layer instead of quantizing the layer's own weight (that loader's hook).
     """
     config = config or QLoRAConfig()
     config.validate()
+    if layers is None:
+        from lightning_paged.core.loading import deferred_directory, load_and_convert
+
+        directory = deferred_directory(model)
+        if directory is not None:
+            return load_and_convert(model, directory, config, device)
     import bitsandbytes as bnb
     from peft import LoraConfig, inject_adapter_in_model
 
@@ -258,7 +275,7 @@ def convert_to_qlora(
         linear = model.get_submodule(name)
         assert isinstance(linear, nn.Linear)
         replaced_bytes += linear.weight.numel() * 2
-        new = quantize_linear(linear, config, device)
+        new = quantize_linear(linear, config, device) if layers is None else layers(name, linear)
         quantized_bytes += quantized_weight_bytes(new)
         set_submodule(model, name, new)
         del linear
@@ -339,17 +356,22 @@ def convert_model(
 ) -> ConversionReport | None:
     """Convert ``module`` (or its ``model_attr`` submodule) in place, after taking rank zero's weights.
 
-    Returns None when it holds 4-bit layers already (converted by an earlier call or by hand).
+    A model built empty from a directory (:func:`~lightning_paged.core.loading.empty_model`) is
+    filled from its files instead, by every rank itself, quantizing as it reads (on the host when
+    ``device`` is None). Returns None when it holds 4-bit layers already (converted by an earlier
+    call or by hand).
     """
     from lightning_paged.core.adapters import broadcast_from_rank_zero
+    from lightning_paged.core.loading import deferred_directory
 
     target = select_target(module, model_attr)
     if is_qlora(target):
         return None
-    if device is None:
-        first = next(target.parameters(), None)
-        device = first.device if first is not None else torch.device("cpu")
-    broadcast_from_rank_zero(target, device)
+    if deferred_directory(target) is None:
+        if device is None:
+            first = next(target.parameters(), None)
+            device = first.device if first is not None else torch.device("cpu")
+        broadcast_from_rank_zero(target, device)
     try:
         return convert_to_qlora(target, config, device=device)
     except SettingError as err:

@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.loading import WeightLoadError, deferred_directory, empty_model, load_unquantized
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.packing import (
     batch_tokens,
@@ -22,6 +23,7 @@ from lightning_paged.core.packing import (
 from lightning_paged.core.settings import close_matches
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
+from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
 
 # Config arguments that transformers accepts without listing them among a config's attributes.
 _EXTRA_CONFIG_KEYS = {"attn_implementation", "rope_theta", "rope_scaling"}
@@ -61,7 +63,10 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         """
         Args:
             model_name_or_path: A local directory holding a transformers causal LM (``config.json`` and
-                weights). Loaded in bfloat16; nothing is downloaded.
+                safetensors weights, 16-bit or bitsandbytes 4-bit); nothing is downloaded. The model is
+                built empty here; a QLoRA strategy reads the weights at setup, quantizing each as it
+                is read on the training device (every rank from the files). With any other strategy
+                they are loaded in bfloat16 in ``configure_model``.
             model_config: A transformers config as a dict, with ``model_type`` (e.g. ``{"model_type":
                 "llama", "hidden_size": 64, ...}``), for a randomly initialised model. ``vocab_size``
                 defaults to the tokenizer's size. Give this or ``model_name_or_path``, not both.
@@ -135,12 +140,17 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
                 f"{problem}; give the directory of a saved transformers model (nothing is downloaded), "
                 "or model_config to build a model from a config",
             )
-        from transformers import AutoModelForCausalLM
+        try:
+            return empty_model(path, dtype=torch.bfloat16)
+        except WeightLoadError as err:
+            raise SettingError("model_name_or_path", model_name_or_path, f"cannot be loaded: {err}") from None
 
-        model = AutoModelForCausalLM.from_pretrained(
-            str(path), dtype=torch.bfloat16, low_cpu_mem_usage=True, local_files_only=True
-        )
-        return model.train()  # from_pretrained returns eval mode; Lightning would keep dropout off
+    @override
+    def configure_model(self) -> None:
+        super().configure_model()
+        directory = deferred_directory(self.model)
+        if directory is not None and not isinstance(self.trainer.strategy, QLoRAStrategyMixin):
+            load_unquantized(self.model, directory, torch.bfloat16)  # no QLoRA strategy to stream it
 
     def _check_vocab(self, rows: int, setting: str, value: object) -> None:
         if rows < len(self.tokenizer):

@@ -202,6 +202,19 @@ class QLoRAStrategyMixin:
                 "Resume with the base model and strategy settings of the run that wrote it, or start a new run.",
             )
 
+    def teardown(self) -> None:
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if module is None or not any(p.is_meta for p in module.parameters()):
+            super().teardown()  # type: ignore[misc]
+            return
+        # The run stopped before setup read the weights of an empty (directory) model: moving it
+        # back to the host would fail on its meta tensors and hide the error that stopped the run.
+        self._lightning_module = None
+        try:
+            super().teardown()  # type: ignore[misc]
+        finally:
+            self._lightning_module = module
+
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # Validation or generation on CPU repacks 4-bit weights for inference (NOTES §3).
         restore_training_layout(self._layers4bit)

@@ -14,6 +14,7 @@ from typing_extensions import override
 from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
+from lightning_paged.core.loading import deferred_directory
 from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
@@ -24,9 +25,11 @@ _D = QLoRAConfig()
 class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
     """NF4 QLoRA on several devices or processes, one model replica each (``"paged_qlora_ddp"``).
 
-    The QLoRA settings are those of :class:`~lightning_paged.PagedQLoRAStrategy`. Before
-    quantizing, every rank takes rank zero's base weights: DDP broadcasts the packed 4-bit data
-    later but not its quantization constants, so ranks must quantize identical weights.
+    The QLoRA settings are those of :class:`~lightning_paged.PagedQLoRAStrategy`. A model loaded
+    from a directory is read from its files by every rank itself (same files, same bytes); a model
+    built from a config takes rank zero's base weights before quantizing: DDP broadcasts the
+    packed 4-bit data later but not its quantization constants, so ranks must quantize identical
+    weights.
 
     Only the ``"popen"`` start method (plain ``ddp``, ``torchrun``, SLURM) is accepted: ``spawn`` and
     ``fork`` load rank zero's weights back into the parent's unconverted model, silently dropping
@@ -97,7 +100,9 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
         module = self.lightning_module
         assert module is not None
         if self._converted is not module:
-            broadcast_from_rank_zero(select_target(module, self.model_attr), self.root_device)
+            target = select_target(module, self.model_attr)
+            if deferred_directory(target) is None:  # a directory model: each rank reads the files
+                broadcast_from_rank_zero(target, self.root_device)
         self._convert(module, self.root_device)
         super().setup(trainer)
 
