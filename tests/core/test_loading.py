@@ -313,3 +313,26 @@ def test_plain_strategy_loads_the_directory_in_bfloat16(saved):
     trainer.fit(module, DataLoader(_batches(), batch_size=2))
     assert {p.dtype for p in module.model.parameters()} == {torch.bfloat16}
     assert not linear4bit_layers(module.model)
+
+
+# --- the other front doors: Fabric and Accelerate stream the same way -------------------------------
+
+
+def test_fabric_and_accelerate_fill_an_empty_model_from_its_files(saved):
+    import accelerate
+    from lightning.fabric import Fabric
+
+    from lightning_paged.accelerate import prepare_paged_qlora
+    from lightning_paged.fabric import PagedQLoRAFabricStrategy
+
+    want = _load_then_convert(saved["sharded"]).state_dict()
+    fabric = Fabric(accelerator="cpu", devices=1, strategy=PagedQLoRAFabricStrategy(SETTINGS))
+    torch.manual_seed(7)
+    fabric_model = fabric.setup_module(empty_model(saved["sharded"]))
+    assert "streamed from" in fabric.strategy.conversion_report.summary()
+    torch.manual_seed(7)
+    prepared = prepare_paged_qlora(accelerate.Accelerator(cpu=True), empty_model(saved["sharded"]), SETTINGS)
+    for model in (fabric_model.module, prepared.model):
+        got = model.state_dict()
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[k], want[k]) for k in want if "lora_" not in k)  # same 4-bit base
