@@ -18,7 +18,7 @@ sys.path.insert(0, str(BENCH))
 import gpu_tokens  # noqa: E402
 from common import compare_runs, fmt_bytes, markdown_table, step_times  # noqa: E402
 
-CPU_SCRIPTS = ("strategy_overhead", "vs_transformers_trainer", "memory_truth", "packing")
+CPU_SCRIPTS = ("strategy_overhead", "vs_transformers_trainer", "memory_truth", "packing", "load_memory")
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +101,19 @@ def test_vs_transformers_trainer_quick(quick_runs):
     if report["plot"]:
         assert (quick_runs[0] / report["plot"]).stat().st_size > 0
     assert "Loss curves" in markdown
+
+
+def test_load_memory_quick_streams_a_sharded_model_within_the_host_memory_bound(quick_runs):
+    report, markdown = finished(quick_runs, "load_memory")
+    check_machine(report)
+    (case,) = report["cases"]
+    assert case["shards"] > 5  # several shards: the loader walks the index
+    ours = case["runs"]["streaming"]
+    assert ours["quantized_layers"] == case["runs"]["load_then_convert"]["quantized_layers"] > 0
+    # peak anonymous memory above the imports: the 4-bit model and one 16-bit tensor, generously
+    bound = 1.5 * (ours["loaded_model_bytes"] + ours["largest_tensor_16bit_bytes"])
+    assert 0 < ours["peak_above_baseline_bytes"] <= bound
+    assert "streaming" in markdown and "peak RssAnon above imports" in markdown
 
 
 def test_memory_truth_quick(quick_runs):
