@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.layers4bit import DTYPES, STORAGE_DTYPES
+from lightning_paged.core.layers4bit import DTYPES, linear4bit
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, listing
 from lightning_paged.core.qlora import QLoRAConfig
 
@@ -136,35 +136,28 @@ def layer_from_files(
     """The ``Linear4bit`` for ``linear`` from its packed weight and quantization state in the files."""
     import bitsandbytes as bnb
 
-    compute_dtype = DTYPES[config.compute_dtype]
-    new = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=compute_dtype,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=STORAGE_DTYPES[config.quant_storage],
-        device="meta",
-    )
     stats = {}
     for key in pre.state_keys(file_layer):
         if key in files.entries:
             stats[key.removeprefix(f"{file_layer}.weight.")] = files.read(key)
     packed = files.read(f"{file_layer}.weight")
-    try:
-        weight = bnb.nn.Params4bit.from_prequantized(
-            data=packed, quantized_stats=stats, requires_grad=False, device=device, module=new
-        )
-    except (AssertionError, KeyError, ValueError, TypeError) as err:
-        raise WeightLoadError(
-            f"{files.where(pre.layers[file_layer])}: the 4-bit layer {file_layer} cannot be rebuilt from its "
-            f"quantization state ({err or type(err).__name__}); the directory is damaged: save it again"
-        ) from None
-    # The dequantized weight comes out in the compute dtype, as for a layer quantized here.
-    weight.quant_state.dtype = compute_dtype
-    new.weight = weight
-    new.support_avx512bf16_for_cpu = False  # keep the training layout (see layers4bit.quantize_linear)
-    if linear.bias is not None:
-        new.bias = nn.Parameter(linear.bias.data.to(device=device, dtype=compute_dtype), requires_grad=False)
-    return new
+
+    def stored(new: Any) -> nn.Parameter:
+        try:
+            weight = bnb.nn.Params4bit.from_prequantized(
+                data=packed,
+                quantized_stats=stats,
+                requires_grad=False,
+                device=device,
+                module=new,  # type: ignore[arg-type]
+            )
+        except (AssertionError, KeyError, ValueError, TypeError) as err:
+            raise WeightLoadError(
+                f"{files.where(pre.layers[file_layer])}: the 4-bit layer {file_layer} cannot be rebuilt from "
+                f"its quantization state ({err or type(err).__name__}); the directory is damaged: save it again"
+            ) from None
+        # The dequantized weight comes out in the compute dtype, as for a layer quantized here.
+        weight.quant_state.dtype = DTYPES[config.compute_dtype]
+        return weight
+
+    return linear4bit(linear, config, device, stored)
