@@ -79,6 +79,14 @@ def _bad_input_types() -> tuple[type[BaseException], ...]:
     from lightning_paged.core.atomic import CheckpointReadError
     from lightning_paged.core.export import ExportError
     from lightning_paged.core.fingerprint import CheckpointMismatchError
+    from lightning_paged.core.loading import WeightLoadError
     from lightning_paged.core.plot import ReportError
 
-    return (CheckpointReadError, CheckpointMismatchError, ExportError, ReportError, MisconfigurationException)
+    return (
+        CheckpointReadError,
+        CheckpointMismatchError,
+        ExportError,
+        ReportError,
+        WeightLoadError,
+        MisconfigurationException,
+    )

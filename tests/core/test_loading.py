@@ -246,7 +246,8 @@ def test_a_truncated_file_is_named(saved, tmp_path):
     directory = _copy(saved, "sharded", tmp_path)
     shard = sorted(directory.glob("*.safetensors"))[-1]
     shard.write_bytes(shard.read_bytes()[:-1000])
-    _assert_refused(directory, rf"{shard.name} cannot be read as safetensors.*truncated")
+    with pytest.raises(WeightLoadError, match=rf"{shard.name} cannot be read as safetensors.*truncated"):
+        empty_model(directory)  # every header is read when the empty model is built
 
 
 def test_a_shape_that_disagrees_with_the_config_is_named(saved, tmp_path):

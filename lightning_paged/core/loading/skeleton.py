@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_paged.core.loading.files import WeightLoadError, find_weight_files
+from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
 
 _MARK = "_lightning_paged_weights"
 
@@ -38,8 +38,14 @@ def mark_deferred(model: nn.Module, directory: Path | None) -> None:
 
 def read_quantization_config(directory: Path) -> dict[str, Any] | None:
     """The ``quantization_config`` of ``config.json``, None for an unquantized model."""
-    config = json.loads((directory / "config.json").read_text())
-    value = config.get("quantization_config")
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightLoadError(
+            f"{path} cannot be read as JSON ({err}); it is truncated or damaged: save the model again"
+        ) from None
+    value = config.get("quantization_config") if isinstance(config, dict) else None
     return dict(value) if isinstance(value, dict) else None
 
 
@@ -100,8 +106,8 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
 def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The causal LM of a local model directory with its parameters on the meta device.
 
-    The directory's files are checked (a missing shard, ``.bin``-only weights, an 8-bit or other
-    quantized checkpoint are refused here, with what to do), but no weight is read: the model is
+    The directory's files are checked (a missing shard, a truncated file, ``.bin``-only weights, an
+    8-bit or other quantized checkpoint are refused here, with what to do), but no weight is read: the model is
     filled from the files where it is converted, one tensor at a time. ``dtype`` is that of the
     empty parameters (default: the config's ``dtype``/``torch_dtype``); the loaded weights take the
     dtypes the conversion gives them.
@@ -109,8 +115,9 @@ def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory).expanduser().resolve()
-    find_weight_files(directory)
     check_supported_quantization(directory)
+    with WeightFiles(directory):  # every file's header read once: a missing or truncated file fails here
+        pass
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
     if hasattr(config, "quantization_config"):  # packed weights are read as they are, at conversion
         del config.quantization_config
