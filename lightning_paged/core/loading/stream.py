@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_paged.core.layers4bit import DTYPES, non_quantized_dtype, quantize_linear, set_submodule
+from lightning_paged.core.layers4bit import non_quantized_dtype, quantize_linear, set_submodule
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, file_key_for, ignored, listing
 from lightning_paged.core.loading.prequantized import (
     Prequantized,
@@ -193,7 +193,7 @@ def _layer(
         read[0] += 1
         prefix_free = key.removesuffix(".weight")
         return layer_from_files(linear, plan.prequantized, files, prefix_free, config, device)
-    weight = files.read(key).to(DTYPES[config.compute_dtype])
+    weight = files.read(key)  # cast to compute_dtype on the host by quantize_weight
     read[0] += 1
     layer = quantize_linear(linear, config, device, weight=weight)
     del weight
