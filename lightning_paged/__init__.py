@@ -18,7 +18,11 @@ from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.module import CausalLMModule
 from lightning_paged.lightning.monitor import EvictionMonitor
-from lightning_paged.lightning.strategies import PagedQLoRADDPStrategy, PagedQLoRAStrategy
+from lightning_paged.lightning.strategies import (
+    PagedQLoRADDPStrategy,
+    PagedQLoRAFSDPStrategy,
+    PagedQLoRAStrategy,
+)
 
 __version__ = "0.1.0"
 
@@ -38,6 +42,7 @@ __all__ = [
     "PackedDataset",
     "PagedOptimizerMixin",
     "PagedQLoRADDPStrategy",
+    "PagedQLoRAFSDPStrategy",
     "PagedQLoRAStrategy",
     "PagingCoverage",
     "QLoRAConfig",

@@ -3,10 +3,11 @@
 from lightning.pytorch.strategies import StrategyRegistry
 
 from lightning_paged.lightning.strategies.ddp import PagedQLoRADDPStrategy
+from lightning_paged.lightning.strategies.fsdp import PagedQLoRAFSDPStrategy
 from lightning_paged.lightning.strategies.single_device import PagedQLoRAStrategy
 
-for _strategy in (PagedQLoRAStrategy, PagedQLoRADDPStrategy):
+for _strategy in (PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy):
     if _strategy.strategy_name not in StrategyRegistry:
         _strategy.register_strategies(StrategyRegistry)
 
-__all__ = ["PagedQLoRADDPStrategy", "PagedQLoRAStrategy"]
+__all__ = ["PagedQLoRADDPStrategy", "PagedQLoRAFSDPStrategy", "PagedQLoRAStrategy"]

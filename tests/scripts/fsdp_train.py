@@ -1,0 +1,143 @@
+"""Run by tests/test_fsdp.py: paged_qlora_fsdp on CPU (gloo), and the single-process runs it must equal.
+
+``fsdp OUT``: one of two processes started by the test (LOCAL_RANK, WORLD_SIZE, MASTER_* set).
+Each rank builds its model from a different seed on purpose: the strategy gives every rank rank
+zero's base weights. Three fits: 32-bit state (checkpoints at steps 2 and 4); 8-bit state with a
+checkpoint at step 2; the same resumed from that checkpoint. ``single OUT``: one process runs
+``paged_qlora`` over the same global batches, and resumes the 2-rank 8-bit checkpoint.
+Each writes what the test compares.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from torch.utils.data import DataLoader
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import lightning_paged
+from lightning_paged.core.sampling import ResumableSampler
+from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.lightning.mixin import PagedOptimizerMixin
+
+STEPS = 4
+GLOBAL_BATCH = 4
+
+
+class Module(PagedOptimizerMixin, pl.LightningModule):
+    def __init__(self, seed: int, optimizer: str) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=128,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+        self.model = LlamaForCausalLM(config)
+        self.optimizer_config = OptimizerConfig(name=optimizer, lr=1e-3)
+
+    def training_step(self, batch, batch_idx):
+        return self.model(input_ids=batch, labels=batch).loss
+
+
+class Losses(Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(float(outputs["loss"]))
+
+
+def strategy_settings(lora_r: int) -> dict:
+    return dict(compute_dtype="float32", lora_r=lora_r, lora_alpha=16, lora_dropout=0.0)
+
+
+def fit(strategy, devices, module, out, *, ckpt_every=None, ckpt_path=None, name="run"):
+    losses = Losses()
+    callbacks: list[Callback] = [losses]
+    if ckpt_every:
+        callbacks.append(
+            ModelCheckpoint(dirpath=out / name, every_n_train_steps=ckpt_every, save_top_k=-1, filename="{step}")
+        )
+    trainer = pl.Trainer(
+        strategy=strategy,
+        accelerator="cpu",
+        devices=devices,
+        max_steps=STEPS,
+        logger=False,
+        enable_checkpointing=bool(ckpt_every),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+    )
+    data = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    rank = int(os.environ.get("LOCAL_RANK", 0))
+    sampler = ResumableSampler(data, shuffle=False, num_replicas=devices, rank=rank)
+    loader = DataLoader(data, batch_size=GLOBAL_BATCH // devices, sampler=sampler)
+    trainer.fit(module, loader, ckpt_path=ckpt_path)
+    adapters = trainer.strategy.lightning_module_state_dict()  # gathered whole under FSDP
+    return trainer, losses.losses, {k: v.detach().cpu().clone() for k, v in adapters.items()}
+
+
+def run_fsdp(out: Path) -> None:
+    rank = int(os.environ["LOCAL_RANK"])
+    results = {}
+
+    def strategy(lora_r):
+        return lightning_paged.PagedQLoRAFSDPStrategy(**strategy_settings(lora_r), process_group_backend="gloo")
+
+    trainer, losses, adapters = fit(
+        strategy(8), 2, Module(100 + rank, "paged_adamw_32bit"), out, ckpt_every=2, name="fsdp32"
+    )
+    report = trainer.strategy.shard_report
+    optimizer = trainer.optimizers[0]
+    results["fsdp32"] = {
+        "losses": losses,
+        "adapters": adapters,
+        "local_packed": report.local_packed_bytes,
+        "total_packed": report.total_packed_bytes,
+        "quant_state": report.quant_state_bytes,
+        "blocks": report.blocks,
+        "block_class": report.block_class,
+        "state_bytes": sum(
+            t.numel() * t.element_size()
+            for s in optimizer.state.values()
+            for k, t in s.items()
+            if k in ("state1", "state2")
+        ),
+        "local_adapter_elements": sum(p.numel() for p, _ in optimizer.fsdp_shards),
+    }
+    _, losses, adapters = fit(strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_every=2, name="fsdp8")
+    results["fsdp8"] = {"losses": losses, "adapters": adapters}
+    _, losses, adapters = fit(
+        strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_path=out / "fsdp8" / "step=2.ckpt"
+    )
+    results["fsdp8_resumed"] = {"losses": losses, "adapters": adapters}
+    torch.save(results, out / f"fsdp_rank{rank}.pt")
+
+
+def run_single(out: Path) -> None:
+    def strategy(lora_r):
+        return lightning_paged.PagedQLoRAStrategy(**strategy_settings(lora_r))
+
+    results = {}
+    _, losses, adapters = fit(strategy(8), 1, Module(100, "paged_adamw_32bit"), out)
+    results["single32"] = {"losses": losses, "adapters": adapters}
+    _, losses, adapters = fit(
+        strategy(32), 1, Module(100, "paged_adamw_8bit"), out, ckpt_path=out / "fsdp8" / "step=2.ckpt"
+    )
+    results["single8_resumed"] = {"losses": losses, "adapters": adapters}
+    torch.save(results, out / "single.pt")
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    (run_fsdp if sys.argv[1] == "fsdp" else run_single)(Path(sys.argv[2]))
