@@ -183,7 +183,7 @@ def export_run(
     if not isinstance(meta, dict) or "fingerprint" not in meta or "state_dict" not in checkpoint:
         raise ExportError(
             f"checkpoint {checkpoint_path} was not written by a lightning_paged QLoRA strategy (it carries no "
-            "base-model fingerprint); export needs a checkpoint of a paged_qlora or paged_qlora_ddp run"
+            "base-model fingerprint); export needs a checkpoint of a paged_qlora, paged_qlora_ddp or paged_qlora_fsdp run"
         )
     run_config = read_run_config(config_path)
     saved = Fingerprint.from_dict(meta["fingerprint"])

@@ -83,11 +83,11 @@ def find_blocks(model: nn.Module, block_class: str | None = None) -> list[nn.Mod
     if block_class is not None:
         blocks = [m for m in model.modules() if type(m).__name__ == block_class]
         if not blocks:
-            candidates = ", ".join(kind for _, kind in _block_candidates(model)) or "none"
+            found = ", ".join(kind for _, kind in _block_candidates(model)) or "none"
             raise SettingError(
                 "block_class",
                 block_class,
-                f"names no module class of {type(model).__name__}; repeated block classes found: {candidates}",
+                f"names no module class of {type(model).__name__}; repeated block classes found: {found}",
             )
         return blocks
     declared = set(getattr(model, "_no_split_modules", None) or [])
@@ -96,8 +96,8 @@ def find_blocks(model: nn.Module, block_class: str | None = None) -> list[nn.Mod
         return blocks
     candidates = _block_candidates(model)
     if candidates:
-        name, kind = candidates[0]
-        return list(model.get_submodule(name))
+        name, _ = candidates[0]
+        return list(model.get_submodule(name).children())
     raise SettingError(
         "block_class",
         None,
@@ -154,7 +154,7 @@ def shard_model(
     """
     from torch.distributed.fsdp import fully_shard
 
-    layers = linear4bit_layers(model)
+    layers: list[Any] = linear4bit_layers(model)
     storage = {layer.weight.dtype for layer in layers}
     if any(not dtype.is_floating_point for dtype in storage):
         raise SettingError(
@@ -306,7 +306,7 @@ def _unwrap(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _wrap(state: Mapping[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    keys = getattr(optimizer, "non_castable_tensor_keys", set())
+    keys: set[str] = getattr(optimizer, "non_castable_tensor_keys", set())
     out = {k: v for k, v in state.items() if k not in keys}
     nested = {k: v for k, v in state.items() if k in keys}
     if nested:
@@ -319,7 +319,11 @@ def _flat_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
 
 
 def _is_elementwise(key: str, value: Any, param: torch.Tensor) -> bool:
-    return isinstance(value, torch.Tensor) and key in ("state1", "state2") and value.shape[-param.dim() :] == param.shape
+    return (
+        isinstance(value, torch.Tensor)
+        and key in ("state1", "state2")
+        and value.shape[-param.dim() :] == param.shape
+    )
 
 
 def gathered_optimizer_state(optimizer: torch.optim.Optimizer) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from lightning_paged.core.qlora import QLoRAConfig
 from lightning_paged.lightning.strategies.base import qlora_config_from
 
 CONFIG_NAME = "config.yaml"
-QLORA_STRATEGIES = ("paged_qlora", "paged_qlora_ddp")
+QLORA_STRATEGIES = ("paged_qlora", "paged_qlora_ddp", "paged_qlora_fsdp")
 
 
 def locate_run(path: Path, config: Path | None) -> tuple[Path, Path]:

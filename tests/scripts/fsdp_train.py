@@ -21,9 +21,11 @@ from torch.utils.data import DataLoader
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import lightning_paged
-from lightning_paged.core.sampling import ResumableSampler
+from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
+from lightning_paged.lightning.monitor import EvictionMonitor
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -60,12 +62,18 @@ def strategy_settings(lora_r: int) -> dict:
     return dict(compute_dtype="float32", lora_r=lora_r, lora_alpha=16, lora_dropout=0.0)
 
 
-def fit(strategy, devices, module, out, *, ckpt_every=None, ckpt_path=None, name="run"):
+def fit(
+    strategy, devices, module, out, *, ckpt_every=None, ckpt_path=None, name="run", monitor=False, **trainer
+):
     losses = Losses()
     callbacks: list[Callback] = [losses]
+    if monitor:
+        callbacks.append(EvictionMonitor(source="none"))
     if ckpt_every:
         callbacks.append(
-            ModelCheckpoint(dirpath=out / name, every_n_train_steps=ckpt_every, save_top_k=-1, filename="{step}")
+            ModelCheckpoint(
+                dirpath=out / name, every_n_train_steps=ckpt_every, save_top_k=-1, filename="{step}"
+            )
         )
     trainer = pl.Trainer(
         strategy=strategy,
@@ -77,6 +85,8 @@ def fit(strategy, devices, module, out, *, ckpt_every=None, ckpt_path=None, name
         enable_progress_bar=False,
         enable_model_summary=False,
         callbacks=callbacks,
+        default_root_dir=out / name,
+        **trainer,
     )
     data = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
     rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -92,10 +102,18 @@ def run_fsdp(out: Path) -> None:
     results = {}
 
     def strategy(lora_r):
-        return lightning_paged.PagedQLoRAFSDPStrategy(**strategy_settings(lora_r), process_group_backend="gloo")
+        return lightning_paged.PagedQLoRAFSDPStrategy(
+            **strategy_settings(lora_r), process_group_backend="gloo"
+        )
 
     trainer, losses, adapters = fit(
-        strategy(8), 2, Module(100 + rank, "paged_adamw_32bit"), out, ckpt_every=2, name="fsdp32"
+        strategy(8),
+        2,
+        Module(100 + rank, "paged_adamw_32bit"),
+        out,
+        ckpt_every=2,
+        name="fsdp32",
+        monitor=True,
     )
     report = trainer.strategy.shard_report
     optimizer = trainer.optimizers[0]
@@ -115,13 +133,29 @@ def run_fsdp(out: Path) -> None:
         ),
         "local_adapter_elements": sum(p.numel() for p, _ in optimizer.fsdp_shards),
     }
-    _, losses, adapters = fit(strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_every=2, name="fsdp8")
+    _, losses, adapters = fit(
+        strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_every=2, name="fsdp8"
+    )
     results["fsdp8"] = {"losses": losses, "adapters": adapters}
     _, losses, adapters = fit(
         strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_path=out / "fsdp8" / "step=2.ckpt"
     )
     results["fsdp8_resumed"] = {"losses": losses, "adapters": adapters}
+    results["refused"] = {
+        "bf16-true": refusal(
+            lambda: fit(strategy(8), 2, Module(100, "paged_adamw_8bit"), out, precision="bf16-true")
+        ),
+        "lamb": refusal(lambda: fit(strategy(8), 2, Module(100, "lamb_8bit"), out)),
+    }
     torch.save(results, out / f"fsdp_rank{rank}.pt")
+
+
+def refusal(run) -> str:
+    try:
+        run()
+    except SettingError as err:
+        return str(err)
+    return "not refused"
 
 
 def run_single(out: Path) -> None:
