@@ -32,8 +32,9 @@ from torch import nn
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import CheckpointMismatchError
+from lightning_paged.core.layers4bit import DTYPES, linear4bit_layers, quantized_weight_bytes
 from lightning_paged.core.paging import is_bitsandbytes_optimizer
-from lightning_paged.core.qlora import DTYPES, linear4bit_layers, quantized_weight_bytes
+from lightning_paged.core.units import format_bytes
 
 BLOCKSIZE_8BIT = 256
 """Elements per block of bitsandbytes' 8-bit blockwise optimizer state (``optimizer.py`` ``init_state``)."""
@@ -122,13 +123,11 @@ class ShardReport:
     """Quantization constants (absmax), which every rank holds whole."""
 
     def summary(self) -> str:
-        from lightning_paged.core.qlora import _fmt_bytes
-
         return (
             f"FSDP: {self.blocks} {self.block_class} blocks and the root sharded over {self.world_size} "
-            f"ranks; this rank holds {_fmt_bytes(self.local_packed_bytes)} of "
-            f"{_fmt_bytes(self.total_packed_bytes)} packed 4-bit weights, plus "
-            f"{_fmt_bytes(self.quant_state_bytes)} of quantization constants kept whole on every rank"
+            f"ranks; this rank holds {format_bytes(self.local_packed_bytes)} of "
+            f"{format_bytes(self.total_packed_bytes)} packed 4-bit weights, plus "
+            f"{format_bytes(self.quant_state_bytes)} of quantization constants kept whole on every rank"
         )
 
 

@@ -16,14 +16,11 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import quiet_trainer, tiny_llama_config
-from torch import nn
+from conftest import ROOT, SCRIPTS, quiet_trainer
 
 from lightning_paged import PagedQLoRAFSDPStrategy, SettingError
-from lightning_paged.core.fingerprint import CheckpointMismatchError
-from lightning_paged.core.fsdp import _cut_blocks, find_blocks, sharding_storage
 
-SCRIPT = Path(__file__).parent / "scripts" / "fsdp_train.py"
+SCRIPT = SCRIPTS / "fsdp_train.py"
 STEPS = 4
 
 
@@ -34,7 +31,7 @@ def _free_port() -> int:
 
 
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(SCRIPT.parent.parent.parent), "OMP_NUM_THREADS": "1", **extra}
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
@@ -165,7 +162,7 @@ def test_bf16_true_and_whole_tensor_optimizers_are_refused_on_every_rank(runs):
 
 @pytest.mark.slow
 def test_export_reads_an_fsdp_checkpoint(runs, monkeypatch):
-    from lightning_paged.export_cli import main
+    from lightning_paged.commands.export import main
 
     monkeypatch.syspath_prepend(str(SCRIPT.parent))
     settings = {"compute_dtype": "float32", "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.0}
@@ -194,7 +191,7 @@ def test_export_reads_an_fsdp_checkpoint(runs, monkeypatch):
     )
 
 
-# --- in-process: settings and block discovery -------------------------------------------------
+# --- in-process settings
 
 
 def test_quant_storage_defaults_to_the_compute_dtype_and_uint8_is_refused():
@@ -202,7 +199,6 @@ def test_quant_storage_defaults_to_the_compute_dtype_and_uint8_is_refused():
     assert PagedQLoRAFSDPStrategy().qlora.quant_storage == "bfloat16"
     with pytest.raises(SettingError, match=r"trainer\.strategy\.init_args\.quant_storage must be a floating"):
         PagedQLoRAFSDPStrategy(quant_storage="uint8")
-    assert sharding_storage("float32", "bfloat16") == "float32"
 
 
 def test_one_device_is_refused_with_paged_qlora_suggested(tiny_llama):
@@ -228,40 +224,3 @@ def test_strategy_is_registered_by_name():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert StrategyRegistry["paged_qlora_fsdp"]["strategy"] is PagedQLoRAFSDPStrategy
-
-
-class _Block(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.proj = nn.Linear(4, 4)
-
-
-def test_blocks_are_found_from_no_split_modules_or_the_largest_module_list():
-    from transformers import LlamaForCausalLM
-
-    llama = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
-    assert [type(b).__name__ for b in find_blocks(llama)] == ["LlamaDecoderLayer"] * 3
-
-    plain = nn.Module()
-    plain.small = nn.ModuleList([_Block(), _Block()])
-    plain.layers = nn.ModuleList([_Block() for _ in range(3)])
-    assert find_blocks(plain) == list(plain.layers)
-    assert len(find_blocks(plain, block_class="_Block")) == 5
-
-    with pytest.raises(SettingError, match=r"block_class names no module class.*found: _Block"):
-        find_blocks(plain, block_class="DecoderLayer")
-    flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
-    with pytest.raises(SettingError, match=r"_no_split_modules and for an nn\.ModuleList"):
-        find_blocks(flat)
-
-
-def test_8bit_block_maxima_are_cut_for_another_world_size_only_where_blocks_line_up():
-    full = torch.arange(8.0)  # 8 blocks of 256 elements
-    # saved as two shards of 4 blocks, loaded on one rank and on four: boundaries line up
-    assert _cut_blocks(full, [1024, 1024], [2048], 0, "p").tolist() == full.tolist()
-    assert _cut_blocks(full, [1024, 1024], [512] * 4, 2, "p").tolist() == [4.0, 5.0]
-    # same layout: taken as saved, even when shards end mid-block
-    odd = torch.arange(4.0)
-    assert _cut_blocks(odd, [300, 300], [300, 300], 1, "p").tolist() == [2.0, 3.0]
-    with pytest.raises(CheckpointMismatchError, match=r"resume with 2 processes"):
-        _cut_blocks(odd, [300, 300], [600], 0, "p")

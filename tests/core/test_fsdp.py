@@ -1,0 +1,56 @@
+"""Sharding helpers of core/fsdp.py that need no process group: storage, block discovery, 8-bit state cuts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+from torch import nn
+
+from lightning_paged import SettingError
+from lightning_paged.core.fingerprint import CheckpointMismatchError
+from lightning_paged.core.fsdp import _cut_blocks, find_blocks, sharding_storage
+
+
+def test_storage_for_sharding_is_the_compute_dtype_unless_a_floating_one_is_given():
+    assert sharding_storage(None, "float16") == "float16"
+    assert sharding_storage("float32", "bfloat16") == "float32"
+    with pytest.raises(SettingError, match=r"quant_storage must be a floating type under FSDP"):
+        sharding_storage("uint8", "bfloat16")
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+
+def test_blocks_are_found_from_no_split_modules_or_the_largest_module_list():
+    from transformers import LlamaForCausalLM
+
+    llama = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=3))
+    assert [type(b).__name__ for b in find_blocks(llama)] == ["LlamaDecoderLayer"] * 3
+
+    plain = nn.Module()
+    plain.small = nn.ModuleList([_Block(), _Block()])
+    plain.layers = nn.ModuleList([_Block() for _ in range(3)])
+    assert find_blocks(plain) == list(plain.layers)
+    assert len(find_blocks(plain, block_class="_Block")) == 5
+
+    with pytest.raises(SettingError, match=r"block_class names no module class.*found: _Block"):
+        find_blocks(plain, block_class="DecoderLayer")
+    flat = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4))
+    with pytest.raises(SettingError, match=r"_no_split_modules and for an nn\.ModuleList"):
+        find_blocks(flat)
+
+
+def test_8bit_block_maxima_are_cut_for_another_world_size_only_where_blocks_line_up():
+    full = torch.arange(8.0)  # 8 blocks of 256 elements
+    # saved as two shards of 4 blocks, loaded on one rank and on four: boundaries line up
+    assert _cut_blocks(full, [1024, 1024], [2048], 0, "p").tolist() == full.tolist()
+    assert _cut_blocks(full, [1024, 1024], [512] * 4, 2, "p").tolist() == [4.0, 5.0]
+    # same layout: taken as saved, even when shards end mid-block
+    odd = torch.arange(4.0)
+    assert _cut_blocks(odd, [300, 300], [300, 300], 1, "p").tolist() == [2.0, 3.0]
+    with pytest.raises(CheckpointMismatchError, match=r"resume with 2 processes"):
+        _cut_blocks(odd, [300, 300], [600], 0, "p")
