@@ -236,8 +236,9 @@ def _sharded_step(original: Callable[..., Any]) -> Callable[..., Any]:
                 loss = closure()
         _sync_shards(self)
         original()
-        for proxy, _ in self.fsdp_shards:
-            proxy.grad = None
+        # The step consumes the gradients: wrappers that imitate the optimizer's class (Fabric's,
+        # Lightning's) call the class's zero_grad, which only sees the proxies.
+        _sharded_zero_grad(self)
         return loss
 
     return step
@@ -259,8 +260,9 @@ def shard_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     Each ``DTensor`` parameter in its groups is replaced by a plain parameter sharing the local
     shard's memory; ``step`` runs the closure, hands each proxy its gradient's local shard and runs
     bitsandbytes' update, whose state (created at the first step) comes from the optimizer's paging
-    policy like anywhere else. Whether a parameter gets 8-bit state is decided by its whole size, as
-    without sharding. Optimizers that are not bitsandbytes' (``torch.optim.AdamW``) step DTensors
+    policy like anywhere else; the step then clears the gradients (as ``zero_grad`` would), since
+    wrappers that imitate the optimizer's class reach only the proxies with their ``zero_grad``.
+    Whether a parameter gets 8-bit state is decided by its whole size, as without sharding. Optimizers that are not bitsandbytes' (``torch.optim.AdamW``) step DTensors
     themselves and are left alone (returns False). Algorithms that need a whole-parameter norm
     (LAMB, LARS) are refused by name.
     """

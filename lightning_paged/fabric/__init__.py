@@ -1,8 +1,9 @@
 """Lightning Fabric: NF4 QLoRA at ``fabric.setup_module``, the paged optimizer, adapter-only checkpoints.
 
-Two strategies, registered in Fabric's strategy registry as ``"paged_qlora"`` (one device) and
-``"paged_qlora_ddp"`` (data parallel), convert each module Fabric sets up to NF4 + LoRA right
-before its device move, so DDP wraps the converted model. ``fabric.save``/``fabric.load`` then
+Three strategies, registered in Fabric's strategy registry as ``"paged_qlora"`` (one device),
+``"paged_qlora_ddp"`` (data parallel) and ``"paged_qlora_fsdp"`` (sharded with FSDP2), convert
+each module Fabric sets up to NF4 + LoRA right before its device move, so DDP wraps (or FSDP
+shards) the converted model. ``fabric.save``/``fabric.load`` then
 hold only the trainable (adapter) weights and the optimizer state.
 
 The helpers a hand-written loop needs besides the strategy are framework-free and shared with
@@ -29,12 +30,14 @@ and :class:`LoopEvictionMonitor` (the eviction monitor's per-step records and su
 
 from lightning_paged.core.adapters import adapter_state_dict, load_adapter_state_dict
 from lightning_paged.core.paged_optimizer import build_paged_optimizer
+from lightning_paged.fabric.fsdp import PagedQLoRAFabricFSDPStrategy
 from lightning_paged.fabric.monitor import LoopEvictionMonitor, fabric_eviction_monitor
 from lightning_paged.fabric.strategies import PagedQLoRAFabricDDPStrategy, PagedQLoRAFabricStrategy
 
 __all__ = [
     "LoopEvictionMonitor",
     "PagedQLoRAFabricDDPStrategy",
+    "PagedQLoRAFabricFSDPStrategy",
     "PagedQLoRAFabricStrategy",
     "adapter_state_dict",
     "build_paged_optimizer",

@@ -113,6 +113,36 @@ def test_resume_from_a_two_rank_checkpoint_equals_the_uninterrupted_run(runs):
 
 
 @pytest.mark.slow
+def test_optimizer_state_on_shards_is_paged_and_paged_again_after_a_load(runs):
+    results = _load(runs, "fsdp_rank1.pt")
+    # host memory marked paged stands in for managed memory: every state buffer of the local shards
+    # is paged; what is left is bookkeeping (quantization maps and block maxima of the 8-bit states)
+    assert results["fsdp8"]["paged_fraction"] > 0.98
+    assert results["fsdp8_resumed"]["paged_fraction"] == results["fsdp8"]["paged_fraction"]
+    assert results["fabric"]["paged_fraction"] == results["fabric"]["loaded_paged_fraction"] == 1.0
+
+
+@pytest.mark.slow
+def test_fabric_loop_trains_like_the_lightning_strategy_and_loads_its_checkpoint(runs):
+    for rank in (0, 1):
+        results = _load(runs, f"fsdp_rank{rank}.pt")
+        fabric, lightning = results["fabric"], results["fsdp32"]
+        assert fabric["losses"] == lightning["losses"]  # the same core, the same batches
+        _assert_same(
+            fabric["adapters"], {k.removeprefix("model."): v for k, v in lightning["adapters"].items()}, 0
+        )
+        _assert_same(fabric["loaded_adapters"], fabric["adapters"], atol=0)
+    state = _load(runs, "fsdp_rank0.pt")["fabric"]
+    assert (
+        state["state"]["state"] and _load(runs, "fsdp_rank1.pt")["fabric"]["state"] == {}
+    )  # gathered on rank 0
+    for index, saved in state["state"]["state"].items():
+        loaded = state["loaded_state"]["state"][index]["__bnb_optimizer_quant_state__"]
+        for key, value in saved["__bnb_optimizer_quant_state__"].items():
+            torch.testing.assert_close(loaded[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_one_process(runs):
     whole = _load(runs, "fsdp_rank0.pt")["fsdp8"]
     resumed = _load(runs, "single.pt")["single8_resumed"]

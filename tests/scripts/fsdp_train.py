@@ -23,17 +23,21 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import lightning_paged
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig
+from lightning_paged.core.paging import paging_coverage
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.monitor import EvictionMonitor
+from lightning_paged.testing import HostMemory
 
 STEPS = 4
 GLOBAL_BATCH = 4
 
 
 class Module(PagedOptimizerMixin, pl.LightningModule):
-    def __init__(self, seed: int, optimizer: str) -> None:
+    def __init__(self, seed: int, optimizer: str, paged: bool = False) -> None:
         super().__init__()
+        if paged:  # host memory marked paged stands in for managed memory
+            self.managed_memory = HostMemory()
         torch.manual_seed(seed)
         config = LlamaConfig(
             vocab_size=128,
@@ -93,6 +97,7 @@ def fit(
     sampler = ResumableSampler(data, shuffle=False, num_replicas=devices, rank=rank)
     loader = DataLoader(data, batch_size=GLOBAL_BATCH // devices, sampler=sampler)
     trainer.fit(module, loader, ckpt_path=ckpt_path)
+    module.paged_fraction = paging_coverage(trainer.optimizers[0]).paged_fraction
     adapters = trainer.strategy.lightning_module_state_dict()  # gathered whole under FSDP
     return trainer, losses.losses, {k: v.detach().cpu().clone() for k, v in adapters.items()}
 
@@ -133,14 +138,17 @@ def run_fsdp(out: Path) -> None:
         ),
         "local_adapter_elements": sum(p.numel() for p, _ in optimizer.fsdp_shards),
     }
-    _, losses, adapters = fit(
-        strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_every=2, name="fsdp8"
-    )
-    results["fsdp8"] = {"losses": losses, "adapters": adapters}
-    _, losses, adapters = fit(
-        strategy(32), 2, Module(100 + rank, "paged_adamw_8bit"), out, ckpt_path=out / "fsdp8" / "step=2.ckpt"
-    )
-    results["fsdp8_resumed"] = {"losses": losses, "adapters": adapters}
+    module = Module(100 + rank, "paged_adamw_8bit", paged=True)
+    _, losses, adapters = fit(strategy(32), 2, module, out, ckpt_every=2, name="fsdp8")
+    results["fsdp8"] = {"losses": losses, "adapters": adapters, "paged_fraction": module.paged_fraction}
+    module = Module(100 + rank, "paged_adamw_8bit", paged=True)
+    _, losses, adapters = fit(strategy(32), 2, module, out, ckpt_path=out / "fsdp8" / "step=2.ckpt")
+    results["fsdp8_resumed"] = {
+        "losses": losses,
+        "adapters": adapters,
+        "paged_fraction": module.paged_fraction,
+    }
+    results["fabric"] = run_fabric(out, rank)
     results["refused"] = {
         "bf16-true": refusal(
             lambda: fit(strategy(8), 2, Module(100, "paged_adamw_8bit"), out, precision="bf16-true")
@@ -148,6 +156,53 @@ def run_fsdp(out: Path) -> None:
         "lamb": refusal(lambda: fit(strategy(8), 2, Module(100, "lamb_8bit"), out)),
     }
     torch.save(results, out / f"fsdp_rank{rank}.pt")
+
+
+def run_fabric(out: Path, rank: int) -> dict:
+    """The 32-bit run again, as a hand-written Fabric loop; then its checkpoint loaded into a fresh model."""
+    from lightning.fabric import Fabric
+
+    from lightning_paged.fabric import build_paged_optimizer
+
+    def setup():
+        fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
+        fabric.launch()
+        module = Module(100 + rank, "paged_adamw_32bit")
+        model = fabric.setup_module(module.model)
+        optimizer, _ = build_paged_optimizer(model, module.optimizer_config, memory=HostMemory())
+        return fabric, model, fabric.setup_optimizers(optimizer)
+
+    from lightning_paged.fabric import PagedQLoRAFabricFSDPStrategy
+
+    strategy = PagedQLoRAFabricFSDPStrategy(qlora=strategy_settings(8), process_group_backend="gloo")
+    fabric, model, optimizer = setup()
+    model.train()
+    data = torch.randint(0, 128, (16, 12), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(STEPS):
+        ids = data[step * GLOBAL_BATCH + rank : (step + 1) * GLOBAL_BATCH : 2]
+        loss = model(input_ids=ids, labels=ids).loss
+        fabric.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss))
+    paged_fraction = paging_coverage(optimizer.optimizer).paged_fraction
+    fabric.save(out / "fabric.ckpt", {"model": model, "optimizer": optimizer})
+    adapters = fabric.strategy.get_module_state_dict(model.module)
+    state = fabric.strategy.get_optimizer_state(optimizer.optimizer)
+
+    strategy = PagedQLoRAFabricFSDPStrategy(qlora=strategy_settings(8), process_group_backend="gloo")
+    fabric, fresh, fresh_optimizer = setup()
+    fabric.load(out / "fabric.ckpt", {"model": fresh, "optimizer": fresh_optimizer})
+    return {
+        "losses": losses,
+        "adapters": adapters,
+        "loaded_adapters": fabric.strategy.get_module_state_dict(fresh.module),
+        "state": state,
+        "loaded_state": fabric.strategy.get_optimizer_state(fresh_optimizer.optimizer),
+        "paged_fraction": paged_fraction,
+        "loaded_paged_fraction": paging_coverage(fresh_optimizer.optimizer).paged_fraction,
+    }
 
 
 def refusal(run) -> str:

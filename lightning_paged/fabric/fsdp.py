@@ -1,0 +1,207 @@
+"""Lightning Fabric: NF4 QLoRA sharded with FSDP2 (``Fabric(strategy="paged_qlora_fsdp")``)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import asdict
+from datetime import timedelta
+from typing import Any
+
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import STRATEGY_REGISTRY, ModelParallelStrategy
+from lightning.fabric.utilities.rank_zero import rank_zero_info
+from lightning.fabric.utilities.types import _PATH
+from torch import nn
+from torch.optim import Optimizer
+from typing_extensions import override
+
+from lightning_paged.core.adapters import adapter_state_dict
+from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
+from lightning_paged.core.errors import SettingError
+from lightning_paged.core.fsdp import (
+    ShardReport,
+    distribute_like,
+    gather_full,
+    gathered_optimizer_state,
+    load_gathered_optimizer_state,
+    shard_model,
+    shard_optimizer,
+    sharding_storage,
+)
+from lightning_paged.core.qlora import QLoRAConfig, is_qlora, select_target
+from lightning_paged.fabric.strategies import _QLoRAFabricMixin
+
+
+def _with_sharding_storage(qlora: QLoRAConfig | Mapping[str, Any] | None) -> dict[str, Any]:
+    settings = asdict(qlora) if isinstance(qlora, QLoRAConfig) else dict(qlora or {})
+    compute = settings.get("compute_dtype", QLoRAConfig.compute_dtype)
+    try:
+        settings["quant_storage"] = sharding_storage(settings.get("quant_storage"), compute)
+    except SettingError as err:
+        raise err.located("qlora.") from None
+    return settings
+
+
+class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
+    """NF4 QLoRA sharded across processes by FSDP2, for Lightning Fabric (``"paged_qlora_fsdp"``).
+
+    The Fabric counterpart of :class:`~lightning_paged.PagedQLoRAFSDPStrategy`, through the same
+    core. ``fabric.setup_module(model)`` takes rank zero's base weights, converts them to NF4 + LoRA
+    with the packed weights stored in ``qlora.compute_dtype`` and shards each repeated block and
+    the root over all processes. Build the optimizer afterwards (:func:`build_paged_optimizer`):
+    ``fabric.setup_optimizers`` makes a bitsandbytes optimizer step the local shards.
+    ``fabric.save`` writes one file from rank zero with the adapters and optimizer state gathered
+    whole (any world size can load it); ``fabric.load`` gives each rank its shard and re-pages.
+
+    Args:
+        qlora: The conversion settings; ``quant_storage`` unset takes the compute dtype, ``"uint8"`` is refused.
+        model_attr: What to convert (see :class:`PagedQLoRAFabricStrategy`).
+        block_class: Class name of the repeated block to shard; by default found from the model.
+        reshard_after_forward: Free each block's gathered weights after its forward.
+        process_group_backend: ``"nccl"``, ``"gloo"``; by default the device's.
+        timeout: Collective timeout.
+    """
+
+    strategy_name = "paged_qlora_fsdp"
+
+    def __init__(
+        self,
+        qlora: QLoRAConfig | Mapping[str, Any] | None = None,
+        model_attr: str | None = None,
+        block_class: str | None = None,
+        reshard_after_forward: bool = True,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+    ) -> None:
+        super().__init__(
+            parallelize_fn=self._parallelize,
+            data_parallel_size="auto",
+            tensor_parallel_size=1,
+            save_distributed_checkpoint=False,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+        )
+        self._init_qlora(_with_sharding_storage(qlora), model_attr)
+        self.block_class = block_class
+        self.reshard_after_forward = reshard_after_forward
+        self.shard_report: ShardReport | None = None
+
+    @override
+    def setup_environment(self) -> None:
+        self._check_precision()
+        world = self.num_nodes * self.num_processes
+        if world < 2:
+            raise SettingError(
+                "devices",
+                world,
+                "is one process, and paged_qlora_fsdp shards the model across two or more; "
+                "use strategy='paged_qlora' on one device, or set devices (and num_nodes) to 2 or more",
+            )
+        self._data_parallel_size = world  # one flat mesh: every process holds a shard
+        super().setup_environment()
+
+    def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
+        self._convert(module, self.root_device)  # takes rank zero's weights first
+        module.to(self.root_device)
+        try:
+            self.shard_report = shard_model(
+                select_target(module, self.model_attr),
+                mesh["data_parallel"],
+                block_class=self.block_class,
+                reshard_after_forward=self.reshard_after_forward,
+            )
+        except SettingError as err:
+            raise err.located("strategy.") from None
+        rank_zero_info(self.shard_report.summary())
+        return module
+
+    @override
+    def setup_module(self, module: nn.Module) -> Any:
+        return ModelParallelStrategy.setup_module(self, module)  # converts and shards in _parallelize
+
+    @override
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        optimizer = super().setup_optimizer(optimizer)
+        try:
+            shard_optimizer(optimizer)
+        except SettingError as err:
+            raise err.located("optimizer.") from None
+        return optimizer
+
+    @override
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        if is_qlora(module):
+            return gather_full(adapter_state_dict(module))
+        return super().get_module_state_dict(module)
+
+    @override
+    def load_module_state_dict(
+        self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
+    ) -> None:
+        super().load_module_state_dict(module, distribute_like(module, state_dict), strict=strict)
+
+    @override
+    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        return gathered_optimizer_state(optimizer)
+
+    @override
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, nn.Module | Optimizer | Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+    ) -> None:
+        """One file from rank zero: adapters and optimizer state gathered whole (every rank takes part)."""
+        path = self.broadcast(path)
+        converted = self._convert_stateful_objects_in_state(state, filter=filter or {})
+        if self.is_global_zero:
+            save_checkpoint_file(converted, path)
+        self.barrier()
+
+    @override
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: nn.Module | Optimizer | dict[str, nn.Module | Optimizer | Any] | None = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        """Every rank reads the file and keeps its shard; optimizer state is re-paged by its optimizer."""
+        checkpoint = read_checkpoint(self.broadcast(path), weights_only=weights_only)
+        if not state:
+            return checkpoint
+        if isinstance(state, nn.Module):
+            self.load_module_state_dict(state, checkpoint, strict=strict)
+            return {}
+        if isinstance(state, Optimizer):
+            load_gathered_optimizer_state(state, checkpoint)
+            return {}
+        for key, target in state.items():
+            if key not in checkpoint:
+                if strict:
+                    raise KeyError(f"{path} holds no {key!r}; it holds {', '.join(checkpoint)}")
+                continue
+            value = checkpoint.pop(key)
+            if isinstance(target, nn.Module):
+                self.load_module_state_dict(target, value, strict=strict)
+            elif isinstance(target, Optimizer):
+                load_gathered_optimizer_state(target, value)
+            elif hasattr(target, "load_state_dict"):
+                target.load_state_dict(value)
+            else:
+                state[key] = value
+        return checkpoint
+
+    @classmethod
+    @override
+    def register_strategies(cls, strategy_registry: Any) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA), sharded with FSDP2, paged optimizer state",
+        )
+
+
+if PagedQLoRAFabricFSDPStrategy.strategy_name not in STRATEGY_REGISTRY:
+    PagedQLoRAFabricFSDPStrategy.register_strategies(STRATEGY_REGISTRY)
