@@ -296,6 +296,21 @@ def shard_optimizer(optimizer: torch.optim.Optimizer) -> bool:
     return True
 
 
+def model_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """The parameters as the model holds them: the sharded ones for an optimizer :func:`shard_optimizer` changed.
+
+    Gradient clipping must see these (their gradients are sharded tensors whose norm is the global
+    one); the optimizer's own groups hold local proxies, whose gradients exist only during the step.
+    """
+    optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning's and Fabric's wrappers
+    shards = getattr(optimizer, "fsdp_shards", None)
+    if shards is None:
+        return [p for group in optimizer.param_groups for p in group["params"]]
+    local = {id(proxy) for proxy, _ in shards}
+    plain = [p for group in optimizer.param_groups for p in group["params"] if id(p) not in local]
+    return [param for _, param in shards] + plain
+
+
 # ---------------------------------------------------------------------------------------------
 # World-size-independent optimizer state
 

@@ -3,7 +3,7 @@
 ``fsdp OUT``: one of two processes started by the test (LOCAL_RANK, WORLD_SIZE, MASTER_* set).
 Each rank builds its model from a different seed on purpose: the strategy gives every rank rank
 zero's base weights. Three fits: 32-bit state (checkpoints at steps 2 and 4); 8-bit state with a
-checkpoint at step 2; the same resumed from that checkpoint. ``single OUT``: one process runs
+checkpoint at step 2; the same resumed from that checkpoint; then the 32-bit run again as a Fabric loop. ``single OUT``: one process runs
 ``paged_qlora`` over the same global batches, and resumes the 2-rank 8-bit checkpoint.
 Each writes what the test compares.
 """
@@ -31,6 +31,8 @@ from lightning_paged.testing import HostMemory
 
 STEPS = 4
 GLOBAL_BATCH = 4
+CLIP = 0.01
+"""Gradient norm clipping of the 32-bit runs: small enough to act at every step."""
 
 
 class Module(PagedOptimizerMixin, pl.LightningModule):
@@ -119,6 +121,7 @@ def run_fsdp(out: Path) -> None:
         ckpt_every=2,
         name="fsdp32",
         monitor=True,
+        gradient_clip_val=CLIP,
     )
     report = trainer.strategy.shard_report
     optimizer = trainer.optimizers[0]
@@ -183,6 +186,7 @@ def run_fabric(out: Path, rank: int) -> dict:
         ids = data[step * GLOBAL_BATCH + rank : (step + 1) * GLOBAL_BATCH : 2]
         loss = model(input_ids=ids, labels=ids).loss
         fabric.backward(loss)
+        fabric.clip_gradients(model, optimizer, max_norm=CLIP)
         optimizer.step()
         optimizer.zero_grad()
         losses.append(float(loss))
@@ -218,7 +222,7 @@ def run_single(out: Path) -> None:
         return lightning_paged.PagedQLoRAStrategy(**strategy_settings(lora_r))
 
     results = {}
-    _, losses, adapters = fit(strategy(8), 1, Module(100, "paged_adamw_32bit"), out)
+    _, losses, adapters = fit(strategy(8), 1, Module(100, "paged_adamw_32bit"), out, gradient_clip_val=CLIP)
     results["single32"] = {"losses": losses, "adapters": adapters}
     _, losses, adapters = fit(
         strategy(32), 1, Module(100, "paged_adamw_8bit"), out, ckpt_path=out / "fsdp8" / "step=2.ckpt"

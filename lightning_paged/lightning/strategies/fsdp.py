@@ -24,6 +24,7 @@ from lightning_paged.core.fsdp import (
     gather_full,
     gathered_optimizer_state,
     load_gathered_optimizer_state,
+    model_parameters,
     shard_model,
     shard_optimizer,
     sharding_storage,
@@ -143,6 +144,8 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
                 raise err.located(SETTING_PREFIX) from None
             rank_zero_info(self.shard_report.summary())
         self.accelerator.setup(trainer)
+        # gradient clipping must see the sharded gradients, not the optimizer's local proxies
+        self.precision_plugin.main_params = model_parameters  # type: ignore[method-assign,assignment]
         self.model = self.precision_plugin.convert_module(self.model)
         self.barrier()
         if trainer.state.fn == TrainerFn.FITTING:
