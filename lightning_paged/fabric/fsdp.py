@@ -24,6 +24,7 @@ from lightning_paged.core.fsdp import (
     gather_full,
     gathered_optimizer_state,
     load_gathered_optimizer_state,
+    model_parameters,
     shard_model,
     shard_optimizer,
     sharding_storage,
@@ -121,6 +122,8 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
 
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        # fabric.clip_gradients must see the sharded gradients, not the optimizer's local proxies
+        self.precision.main_params = model_parameters  # type: ignore[method-assign,assignment]
         optimizer = super().setup_optimizer(optimizer)
         try:
             shard_optimizer(optimizer)

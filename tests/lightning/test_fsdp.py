@@ -127,15 +127,14 @@ def test_fabric_loop_trains_like_the_lightning_strategy_and_loads_its_checkpoint
     for rank in (0, 1):
         results = _load(runs, f"fsdp_rank{rank}.pt")
         fabric, lightning = results["fabric"], results["fsdp32"]
-        assert fabric["losses"] == lightning["losses"]  # the same core, the same batches
-        _assert_same(
-            fabric["adapters"], {k.removeprefix("model."): v for k, v in lightning["adapters"].items()}, 0
-        )
+        # the same core, batches and clipping (which sums the norms in another order)
+        assert fabric["losses"] == pytest.approx(lightning["losses"], abs=2e-6)
+        lightning_adapters = {k.removeprefix("model."): v for k, v in lightning["adapters"].items()}
+        _assert_same(fabric["adapters"], lightning_adapters, atol=1e-5)
         _assert_same(fabric["loaded_adapters"], fabric["adapters"], atol=0)
     state = _load(runs, "fsdp_rank0.pt")["fabric"]
-    assert (
-        state["state"]["state"] and _load(runs, "fsdp_rank1.pt")["fabric"]["state"] == {}
-    )  # gathered on rank 0
+    assert state["state"]["state"]
+    assert _load(runs, "fsdp_rank1.pt")["fabric"]["state"] == {}  # gathered on rank zero only
     for index, saved in state["state"]["state"].items():
         loaded = state["loaded_state"]["state"][index]["__bnb_optimizer_quant_state__"]
         for key, value in saved["__bnb_optimizer_quant_state__"].items():
