@@ -68,12 +68,6 @@ def _nbytes(tensor: Any) -> int:
     return tensor.numel() * tensor.element_size()
 
 
-def _local(tensor: Any) -> Any:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
-
-
 def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, Any]:
     """One rank: convert, shard (FSDP) or replicate (DDP), train ``workload.steps`` steps, count bytes."""
     import bitsandbytes as bnb
@@ -81,7 +75,8 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    import lightning_paged.core.fsdp as fsdp
+    from lightning_paged.core.fsdp import local_tensor, shard_model
+    from lightning_paged.core.fsdp_optimizer import shard_optimizer
     from lightning_paged.core.layers4bit import quantized_weight_bytes
     from lightning_paged.core.optimizers import build_optimizer
     from lightning_paged.core.paging import PagingPolicy
@@ -104,7 +99,7 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
     constants = sum(quantized_weight_bytes(layer) - _nbytes(layer.weight) for layer in layers)
     report = None
     if mode == "fsdp":
-        report = fsdp.shard_model(model, init_device_mesh("cpu", (world,)))
+        report = shard_model(model, init_device_mesh("cpu", (world,)))
         trained: Any = model
     else:
         trained = torch.nn.parallel.DistributedDataParallel(model)
@@ -115,7 +110,7 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
         lr=workload.lr,
     )
     if mode == "fsdp":
-        fsdp.shard_optimizer(optimizer)
+        shard_optimizer(optimizer)
     model.train()
     stamps = [time.perf_counter()]
     losses = []
@@ -128,11 +123,11 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
         losses.append(float(loss))
         stamps.append(time.perf_counter())
 
-    packed = sum(_nbytes(_local(layer.weight)) for layer in layers)
+    packed = sum(_nbytes(local_tensor(layer.weight)) for layer in layers)
     quantized = {id(layer.weight) for layer in layers}
-    adapters = sum(_nbytes(_local(p)) for p in model.parameters() if p.requires_grad)
+    adapters = sum(_nbytes(local_tensor(p)) for p in model.parameters() if p.requires_grad)
     other = sum(
-        _nbytes(_local(p)) for p in model.parameters() if not p.requires_grad and id(p) not in quantized
+        _nbytes(local_tensor(p)) for p in model.parameters() if not p.requires_grad and id(p) not in quantized
     )
     state = sum(
         _nbytes(value)

@@ -18,16 +18,12 @@ from typing_extensions import override
 from lightning_paged.core.adapters import adapter_state_dict
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import (
-    ShardReport,
-    distribute_like,
-    gather_full,
+from lightning_paged.core.fsdp import ShardReport, distribute_like, gather_full, shard_model, sharding_storage
+from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
     model_parameters,
-    shard_model,
     shard_optimizer,
-    sharding_storage,
 )
 from lightning_paged.core.qlora import QLoRAConfig, is_qlora, select_target
 from lightning_paged.fabric.strategies import _QLoRAFabricMixin

@@ -9,7 +9,8 @@ from torch import nn
 
 from lightning_paged import SettingError
 from lightning_paged.core.fingerprint import CheckpointMismatchError
-from lightning_paged.core.fsdp import _cut_blocks, find_blocks, sharding_storage
+from lightning_paged.core.fsdp import find_blocks, sharding_storage
+from lightning_paged.core.fsdp_optimizer import _cut_blocks
 
 
 def test_storage_for_sharding_is_the_compute_dtype_unless_a_floating_one_is_given():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
@@ -18,18 +18,15 @@ from typing_extensions import override
 
 from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import (
-    ShardReport,
-    distribute_like,
-    gather_full,
+from lightning_paged.core.fsdp import ShardReport, distribute_like, gather_full, shard_model, sharding_storage
+from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
     model_parameters,
-    shard_model,
     shard_optimizer,
-    sharding_storage,
 )
-from lightning_paged.core.qlora import QLoRAConfig, select_target
+from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
+from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
 
@@ -71,10 +68,10 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
 
     def __init__(
         self,
-        quant_type: Literal["nf4", "fp4"] = _D.quant_type,
+        quant_type: QuantType = _D.quant_type,
         double_quant: bool = _D.double_quant,
-        compute_dtype: Literal["bfloat16", "float16", "float32"] = _D.compute_dtype,
-        quant_storage: Literal["bfloat16", "float16", "float32", "uint8"] | None = None,
+        compute_dtype: ComputeDtype = _D.compute_dtype,
+        quant_storage: StorageDtype | None = None,
         skip_modules: list[str] | None = None,
         lora_r: int = _D.lora_r,
         lora_alpha: int = _D.lora_alpha,
