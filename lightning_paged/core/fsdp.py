@@ -52,6 +52,17 @@ def sharding_storage(quant_storage: str | None, compute_dtype: str) -> str:
     return quant_storage
 
 
+def check_world_size(world: int, setting: str) -> None:
+    """Refuse one process: there is nothing to shard across (``setting`` is where the user sets it)."""
+    if world < 2:
+        raise SettingError(
+            setting,
+            world,
+            "is one process, and paged_qlora_fsdp shards the model across two or more; "
+            "use strategy='paged_qlora' on one device, or set devices (and num_nodes) to 2 or more",
+        )
+
+
 def _block_candidates(model: nn.Module) -> list[tuple[str, str]]:
     """(ModuleList name, class name) of every ModuleList of two or more modules of one class, largest first."""
     found = []

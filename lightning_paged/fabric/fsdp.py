@@ -18,7 +18,14 @@ from typing_extensions import override
 from lightning_paged.core.adapters import adapter_state_dict
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import ShardReport, distribute_like, gather_full, shard_model, sharding_storage
+from lightning_paged.core.fsdp import (
+    ShardReport,
+    check_world_size,
+    distribute_like,
+    gather_full,
+    shard_model,
+    sharding_storage,
+)
 from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
@@ -87,13 +94,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     def setup_environment(self) -> None:
         self._check_precision()
         world = self.num_nodes * self.num_processes
-        if world < 2:
-            raise SettingError(
-                "devices",
-                world,
-                "is one process, and paged_qlora_fsdp shards the model across two or more; "
-                "use strategy='paged_qlora' on one device, or set devices (and num_nodes) to 2 or more",
-            )
+        check_world_size(world, "devices")
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 

@@ -18,7 +18,14 @@ from typing_extensions import override
 
 from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import ShardReport, distribute_like, gather_full, shard_model, sharding_storage
+from lightning_paged.core.fsdp import (
+    ShardReport,
+    check_world_size,
+    distribute_like,
+    gather_full,
+    shard_model,
+    sharding_storage,
+)
 from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
@@ -109,13 +116,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     @override
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
-        if world < 2:
-            raise SettingError(
-                "trainer.devices",
-                world,
-                "is one process, and paged_qlora_fsdp shards the model across two or more; "
-                "use strategy='paged_qlora' on one device, or set devices (and num_nodes) to 2 or more",
-            )
+        check_world_size(world, "trainer.devices")
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
