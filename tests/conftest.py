@@ -66,6 +66,14 @@ def tiny_llama():
     return LlamaForCausalLM(tiny_llama_config())
 
 
+@pytest.fixture
+def launcher_environ(monkeypatch):
+    """A copy of ``os.environ`` for the test: Lightning's process launcher writes ``LOCAL_RANK``,
+    ``WORLD_SIZE`` and ``MASTER_PORT`` into it, and a later multi-process test that inherited them
+    would take itself for an already launched rank."""
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "scripts"
 

@@ -19,13 +19,13 @@ def test_storage_defaults_to_the_compute_dtype_and_uint8_is_refused():
         PagedQLoRAFabricFSDPStrategy(qlora=QLoRAConfig(quant_storage="uint8"))
 
 
-def test_one_process_is_refused_with_paged_qlora_suggested():
+def test_one_process_is_refused_with_paged_qlora_suggested(launcher_environ):
     fabric = Fabric(accelerator="cpu", devices=1, strategy="paged_qlora_fsdp")
     with pytest.raises(SettingError, match=r"devices is one process.*strategy='paged_qlora'"):
         fabric.launch()
 
 
-def test_bf16_true_is_refused():
+def test_bf16_true_is_refused(launcher_environ):
     fabric = Fabric(accelerator="cpu", devices=1, strategy="paged_qlora_fsdp", precision="bf16-true")
     with pytest.raises(SettingError, match=r"precision .*conflicts with PagedQLoRAFabricFSDPStrategy"):
         fabric.launch()

@@ -230,7 +230,7 @@ def test_quant_storage_defaults_to_the_compute_dtype_and_uint8_is_refused():
         PagedQLoRAFSDPStrategy(quant_storage="uint8")
 
 
-def test_one_device_is_refused_with_paged_qlora_suggested(tiny_llama):
+def test_one_device_is_refused_with_paged_qlora_suggested(tiny_llama, launcher_environ):
     import lightning.pytorch as pl
 
     class Module(pl.LightningModule):
