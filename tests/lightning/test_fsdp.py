@@ -30,8 +30,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK")
+
+
 def _env(**extra: str) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+    """This checkout's environment without what earlier tests of the session left there: a
+    ``PL_GLOBAL_SEED`` (``seed_everything``) makes Lightning re-seed at a parallel strategy's
+    setup only, so the two-rank and one-process runs would start from different adapters."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
+    return {**inherited, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
 @pytest.fixture(scope="module")
