@@ -33,6 +33,7 @@ from lightning_paged.core.fsdp_optimizer import (
     shard_optimizer,
 )
 from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
+from lightning_paged.core.loading import deferred_directory
 from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
@@ -128,7 +129,8 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         assert module is not None and self.model is not None and self.accelerator is not None
         if self._converted is not module:
             target = select_target(module, self.model_attr)
-            broadcast_from_rank_zero(target, self.root_device)
+            if deferred_directory(target) is None:  # a directory model: each rank reads the files
+                broadcast_from_rank_zero(target, self.root_device)
             self._convert(module, self.root_device)
             module.to(self.root_device)  # buffers (rotary tables) before sharding
             try:
