@@ -15,23 +15,10 @@ from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_paged.core import fsdp, fsdp_optimizer
 from lightning_paged.core.adapters import adapter_state_dict
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import (
-    ShardReport,
-    check_world_size,
-    distribute_like,
-    gather_full,
-    shard_model,
-    sharding_storage,
-)
-from lightning_paged.core.fsdp_optimizer import (
-    gathered_optimizer_state,
-    load_gathered_optimizer_state,
-    model_parameters,
-    shard_optimizer,
-)
 from lightning_paged.core.qlora import QLoRAConfig, is_qlora, select_target
 from lightning_paged.fabric.strategies import _QLoRAFabricMixin
 
@@ -40,7 +27,7 @@ def _with_sharding_storage(qlora: QLoRAConfig | Mapping[str, Any] | None) -> dic
     settings = asdict(qlora) if isinstance(qlora, QLoRAConfig) else dict(qlora or {})
     compute = settings.get("compute_dtype", QLoRAConfig.compute_dtype)
     try:
-        settings["quant_storage"] = sharding_storage(settings.get("quant_storage"), compute)
+        settings["quant_storage"] = fsdp.sharding_storage(settings.get("quant_storage"), compute)
     except SettingError as err:
         raise err.located("qlora.") from None
     return settings
@@ -88,13 +75,13 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         self._init_qlora(_with_sharding_storage(qlora), model_attr)
         self.block_class = block_class
         self.reshard_after_forward = reshard_after_forward
-        self.shard_report: ShardReport | None = None
+        self.shard_report: fsdp.ShardReport | None = None
 
     @override
     def setup_environment(self) -> None:
         self._check_precision()
         world = self.num_nodes * self.num_processes
-        check_world_size(world, "devices")
+        fsdp.check_world_size(world, "devices")
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
@@ -102,7 +89,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         self._convert(module, self.root_device)  # takes rank zero's weights first
         module.to(self.root_device)
         try:
-            self.shard_report = shard_model(
+            self.shard_report = fsdp.shard_model(
                 select_target(module, self.model_attr),
                 mesh["data_parallel"],
                 block_class=self.block_class,
@@ -120,10 +107,10 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     @override
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
         # fabric.clip_gradients must see the sharded gradients, not the optimizer's local proxies
-        self.precision.main_params = model_parameters  # type: ignore[method-assign,assignment]
+        self.precision.main_params = fsdp_optimizer.model_parameters  # type: ignore[method-assign,assignment]
         optimizer = super().setup_optimizer(optimizer)
         try:
-            shard_optimizer(optimizer)
+            fsdp_optimizer.shard_optimizer(optimizer)
         except SettingError as err:
             raise err.located("optimizer.") from None
         return optimizer
@@ -131,18 +118,18 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     @override
     def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
         if is_qlora(module):
-            return gather_full(adapter_state_dict(module))
+            return fsdp.gather_full(adapter_state_dict(module))
         return super().get_module_state_dict(module)
 
     @override
     def load_module_state_dict(
         self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
     ) -> None:
-        super().load_module_state_dict(module, distribute_like(module, state_dict), strict=strict)
+        super().load_module_state_dict(module, fsdp.distribute_like(module, state_dict), strict=strict)
 
     @override
     def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        return gathered_optimizer_state(optimizer)
+        return fsdp_optimizer.gathered_optimizer_state(optimizer)
 
     @override
     def save_checkpoint(
@@ -175,7 +162,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
             self.load_module_state_dict(state, checkpoint, strict=strict)
             return {}
         if isinstance(state, Optimizer):
-            load_gathered_optimizer_state(state, checkpoint)
+            fsdp_optimizer.load_gathered_optimizer_state(state, checkpoint)
             return {}
         for key, target in state.items():
             if key not in checkpoint:
@@ -186,7 +173,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
             if isinstance(target, nn.Module):
                 self.load_module_state_dict(target, value, strict=strict)
             elif isinstance(target, Optimizer):
-                load_gathered_optimizer_state(target, value)
+                fsdp_optimizer.load_gathered_optimizer_state(target, value)
             elif hasattr(target, "load_state_dict"):
                 target.load_state_dict(value)
             else:

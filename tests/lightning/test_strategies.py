@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import LlamaForCausalLM
 
-from lightning_paged import PagedQLoRADDPStrategy, PagedQLoRAStrategy, SettingError
+from lightning_paged import PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy, PagedQLoRAStrategy, SettingError
 
 VOCAB = 128
 
@@ -359,11 +359,13 @@ def test_strategy_signatures_cover_every_qlora_setting():
     from lightning_paged import QLoRAConfig
 
     names = {f.name for f in fields(QLoRAConfig)}
-    for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy):
+    for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy):
         assert names <= set(signature(cls.__init__).parameters), cls
 
 
-@pytest.mark.parametrize("cls", [PagedQLoRAStrategy, PagedQLoRADDPStrategy], ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+    "cls", [PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy], ids=lambda c: c.__name__
+)
 def test_cli_help_of_both_strategies_shows_each_qlora_setting_with_its_docstring(cls, capsys):
     from dataclasses import fields
 
