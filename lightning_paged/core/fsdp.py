@@ -30,6 +30,9 @@ from lightning_paged.core.errors import SettingError
 from lightning_paged.core.layers4bit import DTYPES, linear4bit_layers, quantized_weight_bytes
 from lightning_paged.core.units import format_bytes
 
+STRATEGY_DESCRIPTION = "NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA), sharded with FSDP2, paged optimizer state"
+"""How the Lightning and Fabric ``paged_qlora_fsdp`` strategies describe themselves in their registries."""
+
 
 def sharding_storage(quant_storage: str | None, compute_dtype: str) -> str:
     """The ``quant_storage`` to quantize with before sharding: ``None`` takes ``compute_dtype``.

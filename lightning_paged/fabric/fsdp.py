@@ -183,11 +183,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA), sharded with FSDP2, paged optimizer state",
-        )
+        strategy_registry.register(cls.strategy_name, cls, description=fsdp.STRATEGY_DESCRIPTION)
 
 
 if PagedQLoRAFabricFSDPStrategy.strategy_name not in STRATEGY_REGISTRY:

@@ -19,6 +19,7 @@ from typing_extensions import override
 from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import (
+    STRATEGY_DESCRIPTION,
     ShardReport,
     check_world_size,
     distribute_like,
@@ -201,8 +202,4 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     @classmethod
     @override
     def register_strategies(cls, strategy_registry: Any) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="NF4 QLoRA (bitsandbytes 4-bit + PEFT LoRA), sharded with FSDP2, paged optimizer state",
-        )
+        strategy_registry.register(cls.strategy_name, cls, description=STRATEGY_DESCRIPTION)
