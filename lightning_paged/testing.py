@@ -4,7 +4,8 @@
   policy, the pool, coverage and re-paging run on CPU;
 - :class:`FakeProbe`: device memory as numbers, for the pressure source;
 - :class:`FakeCupti`: the ``cupti.cupti`` module of cupti-python, delivering synthetic
-  unified-memory counter records.
+  unified-memory counter records;
+- :func:`tiny_llama_config`: the tiny Llama that the tests and their subprocess scripts build.
 
 Each replaces a real seam (``ManagedMemory``, ``MemoryProbe``, the CUPTI binding); the code
 above the seam is the code that runs on a GPU.
@@ -24,6 +25,23 @@ from lightning_paged.core.paging import ManagedMemory
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
+
+
+def tiny_llama_config(**overrides: Any) -> Any:
+    """A two-block Llama config small enough to train in a test; ``overrides`` win."""
+    from transformers import LlamaConfig
+
+    settings: dict[str, Any] = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
+    settings.update(overrides)
+    return LlamaConfig(**settings)
 
 
 class HostMemory(ManagedMemory):

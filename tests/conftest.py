@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lightning_paged.testing import tiny_llama_config
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
@@ -23,22 +25,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "requires_cuda" in item.keywords:
             item.add_marker(skip)
-
-
-def tiny_llama_config(**overrides):
-    from transformers import LlamaConfig
-
-    settings = dict(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-    )
-    settings.update(overrides)
-    return LlamaConfig(**settings)
 
 
 def quiet_trainer(**overrides):

@@ -14,10 +14,11 @@ import bitsandbytes as bnb
 import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lightning_paged  # noqa: F401  (registers the strategies)
 from lightning_paged.core.loading import empty_model
+from lightning_paged.testing import tiny_llama_config
 
 
 class Module(pl.LightningModule):
@@ -27,14 +28,7 @@ class Module(pl.LightningModule):
         if directory is not None:
             self.model = empty_model(directory)  # no weights until the strategy's setup
             return
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
+        config = tiny_llama_config(max_position_embeddings=2048)
         self.model = LlamaForCausalLM(config)
 
     def training_step(self, batch, batch_idx):

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from lightning.fabric import Fabric
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from lightning_paged.fabric import build_paged_optimizer, fabric_eviction_monitor
+from lightning_paged.testing import tiny_llama_config
 
 
 def main(out_dir: str) -> None:
@@ -22,14 +23,7 @@ def main(out_dir: str) -> None:
     fabric = Fabric(accelerator="cpu", devices=2, strategy="paged_qlora_ddp")
     fabric.launch()
     torch.manual_seed(100 + fabric.global_rank)  # different base weights on each rank
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
+    config = tiny_llama_config(max_position_embeddings=2048)
     model = fabric.setup_module(LlamaForCausalLM(config))
     optimizer, _ = build_paged_optimizer(model, {"name": "paged_adamw_8bit", "lr": 1e-2})
     optimizer = fabric.setup_optimizers(optimizer)

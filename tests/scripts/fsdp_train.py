@@ -18,7 +18,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from torch.utils.data import DataLoader
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import lightning_paged
 from lightning_paged.core.errors import SettingError
@@ -27,7 +27,7 @@ from lightning_paged.core.paging import paging_coverage
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.monitor import EvictionMonitor
-from lightning_paged.testing import HostMemory
+from lightning_paged.testing import HostMemory, tiny_llama_config
 
 STEPS = 4
 GLOBAL_BATCH = 4
@@ -41,14 +41,7 @@ class Module(PagedOptimizerMixin, pl.LightningModule):
         if paged:  # host memory marked paged stands in for managed memory
             self.managed_memory = HostMemory()
         torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-        )
+        config = tiny_llama_config(max_position_embeddings=2048)
         self.model = LlamaForCausalLM(config)
         self.optimizer_config = OptimizerConfig(name=optimizer, lr=1e-3)
 
