@@ -90,7 +90,7 @@ def test_learns_and_the_sample_uses_the_data_prompt_format(tmp_path):
     torch.manual_seed(0)
     module = CausalLMModule(
         model_config={**TINY, "num_hidden_layers": 2},
-        optimizer=OptimizerConfig(name="adamw", lr=1e-2),
+        optimizer=OptimizerConfig(name="adamw", lr=3e-3),
         sample_prompt="Say hi",
         sample_max_new_tokens=8,
     )
