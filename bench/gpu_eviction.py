@@ -23,6 +23,7 @@ The optimizer step's time after an eviction is recorded, not judged.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -148,15 +149,18 @@ def _model(ctx: Context) -> tuple[Any, Any, Any, int]:
 @part("c", "eviction scenario: CUPTI and pressure side by side", budget_s=60)
 def part_eviction(ctx: Context) -> dict[str, Any]:
     from lightning_paged.core.eviction.sources.cupti_setup import configure_counters, cupti_unavailable_reason
+    from lightning_paged.testing import FakeCupti, FakeProbe
 
-    early = None if ctx.dry_run else configure_counters(0)  # before this process's first CUDA call
+    fake = FakeCupti() if ctx.dry_run else None  # the dry run's CUPTI: synthetic records, the same calls
+    early = configure_counters(
+        0, binding=fake
+    )  # before this process's first CUDA call, as NVIDIA's sample does
     import torch
     from gpu_tokens import ballast_bytes
 
     from lightning_paged.core.eviction.paged import PagedBytes
     from lightning_paged.core.eviction.recorder import EvictionRecorder
     from lightning_paged.core.eviction.sources import CuptiSource, PressureSource, SourceUnavailable
-    from lightning_paged.testing import FakeCupti, FakeProbe
 
     model, optimizer, memory, vocab = _model(ctx)
     cuda = not ctx.dry_run
@@ -185,6 +189,13 @@ def part_eviction(ctx: Context) -> dict[str, Any]:
         return torch.cuda.max_memory_reserved() - base
 
     ramp = DRY_RAMP if ctx.dry_run else RAMP
+    if cuda:  # never ask for more managed memory than a fraction of what the card has free
+        managed = 8 * sum(p.numel() for p in model.parameters() if p.requires_grad)  # two float32 states each
+        if managed > torch.cuda.mem_get_info()[0] // 4:
+            return {
+                "status": "failed",
+                "headline": f"refused: {managed} bytes of paged state is over a quarter of the free memory",
+            }
     step(min(ramp))  # creates the (paged) optimizer state
     result: dict[str, Any] = {"configured_before_cuda": early, "ramp": ramp}
     plan = ballast = None
@@ -212,19 +223,17 @@ def part_eviction(ctx: Context) -> dict[str, Any]:
         result.update(ballast_bytes=ballast.numel(), free_after_ballast=plan.free, margin_bytes=plan.margin)
         result["expectations"] = {length: plan.expectation(length) for length in sorted(set(ramp))}
     recorders: dict[str, EvictionRecorder] = {}
+    paged = (lambda: memory.allocated_bytes) if memory is not None else PagedBytes(0)
     try:
         cupti = (
-            CuptiSource(0, binding=FakeCupti(), sync=lambda: None)
-            if ctx.dry_run
-            else CuptiSource(device_index=0)
+            CuptiSource(0, binding=fake, sync=lambda: None) if ctx.dry_run else CuptiSource(device_index=0)
         )
         cupti.start()
-        recorders["cupti"] = EvictionRecorder(cupti, ctx.path("cupti.jsonl"), paged_bytes=PagedBytes(0))
+        recorders["cupti"] = EvictionRecorder(cupti, ctx.path("cupti.jsonl"), paged_bytes=paged)
     except SourceUnavailable as err:
         result["cupti_unavailable"] = str(err) or cupti_unavailable_reason()
     pressure = PressureSource(probe=FakeProbe()) if ctx.dry_run else PressureSource(device_index=0)
     pressure.start()
-    paged = (lambda: memory.allocated_bytes) if memory is not None else PagedBytes(0)
     recorders["pressure"] = EvictionRecorder(pressure, ctx.path("pressure.jsonl"), paged_bytes=paged)
 
     steps: list[dict[str, Any]] = []
@@ -234,6 +243,9 @@ def part_eviction(ctx: Context) -> dict[str, Any]:
         except torch.cuda.OutOfMemoryError as err:
             steps.append({"seq_len": length, "error": "out of memory: " + str(err).splitlines()[0]})
             ctx.progress(steps[-1])
+            for r in recorders.values():
+                with contextlib.suppress(Exception):  # close the step the error cut short
+                    r.end_step()
             break
         row: dict[str, Any] = {"seq_len": length, "expected": plan.expectation(length) if plan else None}
         for name, r in recorders.items():
