@@ -190,7 +190,9 @@ def throughput_summary(
             ok = [r for r in runs if r.get("error") is None]
             row[variant] = {
                 "tokens_per_s": median(tokens_per_second(r, batch * seq_len) for r in ok) if ok else None,
-                "peak_device_bytes": median(r["gpu_memory"]["peak_device_bytes"] for r in ok) if ok else None,
+                "peak_device_bytes": median(r["gpu_memory"]["peak_device_bytes"] for r in ok)
+                if ok and all(r.get("gpu_memory") for r in ok)
+                else None,  # a CPU run (the validation's dry run) has no device memory
                 "errors": [r["error"] for r in runs if r.get("error")],
             }
         a, b = (row[v] for v in VARIANTS)
@@ -284,10 +286,13 @@ def _ballast_callback(budget: int) -> Any:
 
         def __init__(self) -> None:
             self.tensor: torch.Tensor | None = None
-            self.info: dict[str, int] = {}
+            self.info: dict[str, Any] = {}
 
         def on_train_batch_end(self, trainer: Any, pl_module: Any, *args: Any) -> None:
-            if self.tensor is not None:
+            if self.tensor is not None or self.info:
+                return
+            if pl_module.device.type != "cuda":  # a CPU run (the validation's dry run) has no device memory
+                self.info = {"skipped": f"no device memory to fill on {pl_module.device.type}"}
                 return
             torch.cuda.synchronize()
             torch.cuda.empty_cache()  # cached blocks would be room the budget does not count
@@ -317,8 +322,13 @@ def _evicted_bytes(log: Path) -> int | None:
     return sum(known) if known else None
 
 
-def budget_worker(workload: Workload, budget: int, warm_len: int) -> dict[str, Any]:
-    """One probe: a short step, the ballast, then ``workload.steps`` steps at ``workload.seq_len``."""
+def budget_worker(
+    workload: Workload, budget: int, warm_len: int, source: Path | None = None
+) -> dict[str, Any]:
+    """One probe: a short step, the ballast, then ``workload.steps`` steps at ``workload.seq_len``.
+
+    ``source``: a saved model directory to load instead of building the model from its config.
+    """
     import torch
     from workloads import make_batches, run_lightning_paged
 
@@ -330,7 +340,9 @@ def budget_worker(workload: Workload, budget: int, warm_len: int) -> dict[str, A
         log = Path(tmp) / "eviction.jsonl"
         monitor = EvictionMonitor(source="auto", log_path=str(log), log_metrics=False)
         try:
-            run = run_lightning_paged(workload, callbacks=[ballast, monitor], batches=batches)
+            run = run_lightning_paged(
+                workload, source, callbacks=[ballast, monitor], batches=batches, root_dir=tmp
+            )
         except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
             if not is_out_of_memory(err):
                 raise
@@ -349,7 +361,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch
 
     if args.worker == "budget":
-        emit_result(budget_worker(workload, int(args.budget_gib * GIB), args.seq_step))
+        emit_result(budget_worker(workload, int(args.budget_gib * GIB), args.seq_step, args.source))
         return
     try:
         if args.worker == "lightning_paged":
@@ -397,6 +409,8 @@ def run_budget(args: argparse.Namespace, model: Workload) -> dict[str, Any]:
     def fits(optimizer: str, seq_len: int) -> bool:
         workload = budget_workload(model, optimizer, seq_len, args.budget_steps)
         extra = ["--budget-gib", str(args.budget_gib), "--seq-step", str(args.seq_step)]
+        if getattr(args, "source", None):
+            extra += ["--source", str(args.source)]
         result = run_worker(SCRIPT, ["budget", "--workload", workload.to_json(), *extra], args.threads)
         runs[(optimizer, seq_len)] = result
         print(f"budget {optimizer} seq {seq_len}: {'trains' if result['fits'] else 'out of memory'}")

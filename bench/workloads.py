@@ -61,6 +61,8 @@ class Workload:
     gradient_checkpointing: bool = False
     device: str = "cpu"
     seed: int = 0
+    attn_implementation: str | None = None
+    """Attention kernel (``sdpa``, ``eager``, ``flash_attention_2``); None: transformers' default."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -82,6 +84,7 @@ class Workload:
             max_position_embeddings=max(self.seq_len, 128),
             tie_word_embeddings=False,
             attention_dropout=0.0,
+            **({"attn_implementation": self.attn_implementation} if self.attn_implementation else {}),
         )
 
     def parameter_count(self) -> int:
@@ -383,9 +386,13 @@ def run_lightning_paged(
     callbacks: list[Any] | None = None,
     batches: list[dict[str, Any]] | None = None,
     ckpt_path: str | None = None,
+    managed_memory: Any = None,
+    root_dir: str | None = None,
 ) -> dict[str, Any]:
     """``batches`` replaces the workload's own (one optimizer step each); ``ckpt_path`` resumes from a
-    checkpoint that a ``ModelCheckpoint`` among ``callbacks`` of an earlier run wrote."""
+    checkpoint that a ``ModelCheckpoint`` among ``callbacks`` of an earlier run wrote; ``managed_memory``
+    replaces bitsandbytes' unified-memory primitives (``lightning_paged.testing.HostMemory`` on a CPU);
+    ``root_dir`` is where callbacks write (the Trainer's ``default_root_dir``; default the working directory)."""
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import ModelCheckpoint
     from torch.utils.data import DataLoader
@@ -395,6 +402,8 @@ def run_lightning_paged(
     window = MemoryWindow()
     started = time.perf_counter()
     module = lightning_module(build_model(workload, source), workload)
+    if managed_memory is not None:
+        module.managed_memory = managed_memory
     strategy = PagedQLoRAStrategy(
         compute_dtype=workload.compute_dtype,
         lora_r=workload.lora_r,
@@ -418,6 +427,7 @@ def run_lightning_paged(
         num_sanity_val_steps=0,
         limit_val_batches=0,
         callbacks=[clock, *(callbacks or [])],
+        default_root_dir=root_dir,
     )
     trainer.fit(module, train_dataloaders=DataLoader(batches, batch_size=None), ckpt_path=ckpt_path)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
