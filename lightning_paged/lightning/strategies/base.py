@@ -154,11 +154,14 @@ class QLoRAStrategyMixin:
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         if self._converted is self.lightning_module:  # type: ignore[attr-defined]
-            checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+            checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata(checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states)."""
+    def checkpoint_metadata(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states).
+
+        The fit loop's counters in ``checkpoint`` are settled first: see :mod:`lightning_paged.lightning.resume`.
+        """
         assert self.fingerprint is not None
         return {
             "format": CHECKPOINT_FORMAT,
@@ -166,7 +169,7 @@ class QLoRAStrategyMixin:
             "qlora": asdict(self.qlora),
             "model_attr": self.model_attr,
             **self._adapter_info,
-            "resume": self._resume.state(),
+            "resume": self._resume.state(checkpoint),
         }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -224,6 +227,11 @@ class QLoRAStrategyMixin:
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         self._resume.after_training_step()
+        return output
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().optimizer_step(*args, **kwargs)  # type: ignore[misc]
+        self._resume.after_optimizer_step()
         return output
 
 
