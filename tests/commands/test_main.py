@@ -232,8 +232,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
         assert partial is not None, killed.communicate()[0][-4000:]
         assert partial.exists()  # the kill left its temporary file behind
         assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
-        # Lightning logs a step's metrics after its checkpoint callbacks: step 4's row (logger step 3) is lost.
-        assert sorted(train_losses(run)) == [0, 1, 2]
+        # Step 4's row (logger step 3) was written before its checkpoints, so the kill kept it.
+        assert sorted(train_losses(run)) == [0, 1, 2, 3]
 
         resumed = _slow_cli(*resume_run_args(run), "--ckpt_path", "last")
         processes.append(resumed)
@@ -256,12 +256,36 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
     resumed_weights = adapter_weights(checkpoints / "last.ckpt")
     assert expected.keys() == resumed_weights.keys()
     assert all(torch.equal(expected[k], resumed_weights[k]) for k in expected)  # bit for bit
-    losses = train_losses(reference)
-    del losses[3]
-    assert train_losses(run) == losses  # every other step once, the same values
+    assert train_losses(run) == train_losses(reference)  # every step once, the same values
     events = [json.loads(line) for line in (run / "logs" / "latest" / "eviction_events.jsonl").open()]
     assert [e["step"] for e in events] == list(range(6))  # the killed step's record was written before
     assert len({e["run"] for e in events}) == 1
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_checkpoint_save_keeps_the_step_row_and_the_resume_logs_each_step_once(tmp_path):
+    """SIGKILL inside the save of step 4's checkpoint (from a callback's on_save_checkpoint): the
+    row of step 4 (logger step 3) is already on disk; the resume from step 2 logs steps 2 and 3
+    again, replacing the rows, with the same values, and continues to step 6."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "scripts")])
+    args = [sys.executable, "-m", "lightning_paged", *resume_run_args(run)]
+    kill = ["--trainer.callbacks+=kill_in_checkpoint.KillWhileSaving", "--trainer.callbacks.step", "4"]
+    killed = subprocess.run([*args, *kill], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    before = train_losses(run)
+    assert sorted(before) == [0, 1, 2, 3]  # the killed step's row is there
+
+    resumed = subprocess.run(
+        [*args, "--ckpt_path", "last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    after = train_losses(run)  # asserts each step once
+    assert sorted(after) == list(range(6))
+    assert {step: after[step] for step in before} == before  # an exact resume logs the same values
 
 
 # --- resume: what is checked before anything is written ----------------------------------------------
