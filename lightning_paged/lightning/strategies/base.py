@@ -18,7 +18,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_paged.core.adapters import load_adapter_state_dict
+from lightning_paged.core.adapters import check_optimizers, load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import (
     Fingerprint,
@@ -140,6 +140,15 @@ class QLoRAStrategyMixin:
     def setup(self, trainer: pl.Trainer) -> None:
         self._resume.begin(trainer)
         super().setup(trainer)  # type: ignore[misc]
+
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Refuse an optimizer built before the conversion (it holds no adapter): see ``check_optimizers``."""
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if self._converted is module and module is not None:
+            warning = check_optimizers(self.optimizers, module)  # type: ignore[attr-defined]
+            if warning:
+                rank_zero_warn(warning)
 
     @property
     def restore_checkpoint_after_setup(self) -> bool:
