@@ -135,6 +135,9 @@ class PagedCLI(LightningCLI):
         strategy = self.trainer.strategy
         if isinstance(strategy, QLoRAStrategyMixin):
             strategy.check_module(self.model)
+        warn_unless_qlora = getattr(self.model, "warn_unless_qlora", None)
+        if callable(warn_unless_qlora):  # here, in the launching process: ddp_spawn's hooks run elsewhere
+            warn_unless_qlora(strategy)
         self._check_checkpoint()
 
     def before_validate(self) -> None:

@@ -123,6 +123,32 @@ def test_report_and_export_are_subcommands():
         assert "usage" in result.stdout.lower()
 
 
+def test_ddp_spawn_warns_in_the_launching_process(tmp_path, monkeypatch):
+    """Under ddp_spawn the module's hooks run in the spawned processes only. The command warns before
+    it launches them, so the warning reaches a notebook too, and the flag that stops the spawned
+    process from warning again travels with the module. Lightning's launcher is replaced by one that
+    records what it would send: no process is started."""
+    import warnings
+
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launched = {}
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        launched["warned"] = [str(w.message) for w in caught if "not a QLoRA strategy" in str(w.message)]
+        launched["flag"] = trainer.strategy.lightning_module._warned_unless_qlora
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", launch)
+    monkeypatch.setattr(sys, "argv", ["lightning-paged"])
+    args = [*quick_run_args(tmp_path / "run", steps=1), "--trainer.strategy", "ddp_spawn"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert len(launched["warned"]) == 1, launched
+    assert "start_method='spawn'" in launched["warned"][0] and "paged_qlora_ddp" in launched["warned"][0]
+    assert launched["flag"] is True
+
+
 # --- resume: a kill during a checkpoint write, then resume with --ckpt_path last --------------------
 
 SLOW_CHECKPOINTS = ROOT / "tests" / "scripts" / "slow_checkpoint_cli.py"
