@@ -5,7 +5,9 @@ names (``base_model.model.<module>.lora_A.weight``), so ``peft.PeftModel.from_pr
 loads it onto a 4-bit or a 16-bit base. :func:`merge_adapter` adds the adapter to the base model's
 *original* 16-bit weights, read from its safetensors files one tensor at a time and written out in
 shards as they fill, so host memory stays near one shard plus the adapter whatever the model size.
-Merging into dequantized 4-bit weights instead would bake the quantization error into the model.
+Merging into dequantized 4-bit weights instead would bake the quantization error into the model;
+for a base that only exists in 4-bit (a pre-quantized directory) that is what it does, and its
+report says so (:mod:`lightning_paged.core.export_4bit`).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class MergeReport:
     tensors: int
     """Tensors written in all."""
     total_bytes: int
+    dequantized: str | None = None
+    """The 4-bit type (``nf4``) of a pre-quantized base whose weights were dequantized to merge onto."""
 
 
 def merge_adapter(
@@ -149,7 +153,9 @@ def merge_adapter(
     ``W + scale * (B @ A)`` is computed in float32 and stored in ``W``'s dtype. Output shards are
     laid out from the input files' headers first, then written one tensor at a time: host memory
     holds one tensor (and a bounded float32 block of it) at a time, plus the adapter. Every other
-    file of ``base_dir`` (config, generation config, tokenizer) is copied.
+    file of ``base_dir`` (config, generation config, tokenizer) is copied. A pre-quantized
+    (bitsandbytes 4-bit) ``base_dir`` is merged onto its dequantized weights, written in the dtype
+    they were quantized from, and its ``config.json`` loses its ``quantization_config``.
     """
     if adapter.config.get("use_dora"):
         raise ExportError(
@@ -167,27 +173,28 @@ def merge_adapter(
         raise ExportError(
             f"base directory {base} holds {other}: merging reads the 16-bit safetensors weights"
         )
-    entries = [entry for shard in shards for entry in _tensor_entries(shard)]
-    targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
-    missing = sorted(set(targets) - {e.name for e in entries})
-    if missing:
-        raise ExportError(
-            f"{len(missing)} adapted layers have no weight in the base files of {base} (first: {missing[0]}): "
-            "this is not the base model the adapter was trained on"
+    with contextlib.ExitStack() as stack:
+        entries, dequantized = _base_entries(base, shards, stack)
+        targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
+        missing = sorted(set(targets) - {e.name for e in entries})
+        if missing:
+            raise ExportError(
+                f"{len(missing)} adapted layers have no weight in the base files of {base} (first: "
+                f"{missing[0]}): this is not the base model the adapter was trained on"
+            )
+        groups = _shard_groups(entries, max_shard_size)
+        count = len(groups)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
-    groups = _shard_groups(entries, max_shard_size)
-    count = len(groups)
-    names = (
-        ["model.safetensors"]
-        if count == 1
-        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    total = sum(e.nbytes for e in entries)
-    with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
-        for group, name in zip(groups, names):
-            _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        total = sum(e.nbytes for e in entries)
+        with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
+            for group, name in zip(groups, names):
+                _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
     if count > 1:
         weight_map = {e.name: name for group, name in zip(groups, names) for e in group}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -195,27 +202,48 @@ def merge_adapter(
     for item in base.iterdir():
         if item.is_file() and item.suffix not in (".safetensors", ".bin") and item.name != INDEX_NAME:
             shutil.copy2(item, out / item.name)
-    return MergeReport(files=names, merged=len(targets), tensors=len(entries), total_bytes=total)
+    if dequantized is not None:  # the merged weights are plain 16-bit ones
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return MergeReport(
+        files=names, merged=len(targets), tensors=len(entries), total_bytes=total, dequantized=dequantized
+    )
 
 
 @dataclass
-class _Entry:
-    """One tensor of an input safetensors file, from its header."""
+class TensorEntry:
+    """One tensor of a merge's input, from its file's header: where it is and what it will be written as."""
 
     name: str
     shard: Path
     dtype: str
+    """Its safetensors dtype name (``BF16``)."""
     shape: list[int]
     nbytes: int
+    read: Callable[[], torch.Tensor] | None = None
+    """How to read it when it is not stored as it is written (a dequantized 4-bit weight)."""
 
 
-def _tensor_entries(shard: Path) -> list[_Entry]:
+def _base_entries(
+    base: Path, shards: list[Path], stack: contextlib.ExitStack
+) -> tuple[list[TensorEntry], str | None]:
+    """The tensors to merge onto, and the 4-bit type of a pre-quantized base (dequantized), else None."""
+    from lightning_paged.core.export_4bit import dequantized_entries, is_prequantized
+
+    entries = [entry for shard in shards for entry in _tensor_entries(shard)]
+    if not is_prequantized(base):
+        return entries, None
+    return dequantized_entries(base, entries, stack)
+
+
+def _tensor_entries(shard: Path) -> list[TensorEntry]:
     with open(shard, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(length))
     header.pop("__metadata__", None)
     entries = [
-        _Entry(
+        TensorEntry(
             name, shard, info["dtype"], list(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0]
         )
         for name, info in header.items()
@@ -223,8 +251,8 @@ def _tensor_entries(shard: Path) -> list[_Entry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-def _shard_groups(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    groups: list[list[_Entry]] = [[]]
+def _shard_groups(entries: list[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:
+    groups: list[list[TensorEntry]] = [[]]
     size = 0
     for entry in entries:
         if groups[-1] and size + entry.nbytes > max_bytes:
@@ -243,9 +271,11 @@ class _TensorReader(contextlib.ExitStack):
         self.path: Path | None = None
         self.file: Any = None
 
-    def get(self, entry: _Entry) -> torch.Tensor:
+    def get(self, entry: TensorEntry) -> torch.Tensor:
         from safetensors import safe_open
 
+        if entry.read is not None:
+            return entry.read()
         if entry.shard != self.path:
             self.close()
             self.file = self.enter_context(safe_open(str(entry.shard), framework="pt"))
@@ -255,7 +285,7 @@ class _TensorReader(contextlib.ExitStack):
 
 def _write_safetensors(
     path: Path,
-    entries: list[_Entry],
+    entries: list[TensorEntry],
     reader: _TensorReader,
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     scale: float,

@@ -285,3 +285,119 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(
     assert main([str(run_dir), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+# --- a run trained on a pre-quantized (-bnb-4bit) base, through the real commands -----------------------
+
+PREQUANTIZED_RUN = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  strategy:
+    class_path: lightning_paged.PagedQLoRAStrategy
+    init_args: {{compute_dtype: float32, lora_r: 4, lora_alpha: 8, gradient_checkpointing: false}}
+  max_steps: 2
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {run}
+  logger: {{class_path: lightning_paged.ResumableCSVLogger, init_args: {{save_dir: {run}, name: logs, version: v}}}}
+  callbacks:
+    - {{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {run}/checkpoints, save_last: true}}}}
+model:
+  class_path: lightning_paged.CausalLMModule
+  init_args:
+    model_name_or_path: {model}
+    optimizer: {{name: adamw, lr: 5.0e-2, warmup_steps: 0}}
+data:
+  class_path: lightning_paged.InstructionDataModule
+  init_args: {{data_path: {data}, max_length: 48, batch_size: 2, val_split: 0}}
+"""
+
+
+def save_16bit(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**model_config(), "vocab_size": 259})).to(torch.bfloat16).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def prequantized_run(tmp_path_factory) -> dict[str, Path]:
+    """``lightning-paged fit`` on a base saved in bitsandbytes 4-bit, and the 16-bit model it was quantized from."""
+    import sys
+
+    from lightning_paged.commands.main import main as command
+
+    root = tmp_path_factory.mktemp("prequantized")
+    base16 = save_16bit(root / "base16", seed=0)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base16, quantization_config=quantization, device_map="cpu"
+    )
+    quantized.save_pretrained(root / "base-bnb-4bit")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in "abcdef"))
+    config = root / "config.yaml"
+    config.write_text(PREQUANTIZED_RUN.format(run=root / "run", model=root / "base-bnb-4bit", data=data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["lightning-paged"])
+        assert command(["fit", "--config", str(config)]) == 0
+    return {"run": root / "run", "base16": base16, "base4": root / "base-bnb-4bit", "root": root}
+
+
+def test_merge_of_a_run_on_a_prequantized_base_is_onto_its_dequantized_weights(
+    prequantized_run, tmp_path, capsys
+):
+    out = tmp_path / "merged"
+    assert main([str(prequantized_run["run"]), "--out", str(out), "--merge"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"of the weights of {prequantized_run['base4']}, dequantized from its bitsandbytes 4-bit (nf4)"
+        in printed
+    )
+    assert "keep the 4-bit quantization error" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a plain 16-bit model
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    # The dequantized weights are those the 4-bit model computed with: the merged model is the trained one,
+    # up to rounding its merged weights to bfloat16 (a 16-bit merge differs by the quantization error).
+    reported = float(re.search(r"largest logit difference ([0-9.e-]+)", printed).group(1))
+    assert reported < 0.02
+
+
+def test_a_16bit_base_that_quantizes_to_the_4bit_bytes_is_accepted_and_merged_onto(
+    prequantized_run, tmp_path, capsys
+):
+    from peft import PeftModel
+
+    run, base16 = prequantized_run["run"], prequantized_run["base16"]
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert main([str(run), "--out", str(adapter), "--base", str(base16)]) == 0
+    assert main([str(run), "--out", str(merged_dir), "--merge", "--base", str(base16)]) == 0
+    printed = capsys.readouterr().out
+    assert f"--base {base16} quantizes to the 4-bit bytes of {prequantized_run['base4']}" in printed
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base16)
+    assert "of the 16-bit weights of" in printed
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    on_16bit = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base16, dtype=torch.float32), str(adapter)
+    )
+    torch.testing.assert_close(logits(merged), logits(on_16bit), rtol=0, atol=2e-2)  # bf16 merged weights
+
+
+def test_a_16bit_base_that_quantizes_to_other_bytes_is_refused(prequantized_run, tmp_path, capsys):
+    other = save_16bit(tmp_path / "other16", seed=1)
+    out = tmp_path / "merged"
+    assert main([str(prequantized_run["run"]), "--out", str(out), "--merge", "--base", str(other)]) == 2
+    message = capsys.readouterr().err
+    assert f"--base {other} is not the model {prequantized_run['base4']} was quantized from" in message
+    assert "gives other 4-bit bytes" in message and "dequantized 4-bit weights" in message
+    assert not out.exists() and leftovers(tmp_path) == []
