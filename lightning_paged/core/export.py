@@ -109,9 +109,15 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (created if needed)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (created if needed).
+
+    Both files get the mode the umask gives (``safetensors.torch.save_file`` would create the weights
+    with mode 0600, unreadable to other users of a shared serving machine).
+    """
     from peft import LoraConfig
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lightning_paged.core.atomic import atomic_write
 
     init_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in init_fields})
@@ -122,7 +128,8 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    save_file(adapter.weights, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    data = save(adapter.weights, metadata={"format": "pt"})
+    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda file: file.write(data))
     return out
 
 
@@ -201,7 +208,7 @@ def merge_adapter(
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for item in base.iterdir():
         if item.is_file() and item.suffix not in (".safetensors", ".bin") and item.name != INDEX_NAME:
-            shutil.copy2(item, out / item.name)
+            shutil.copyfile(item, out / item.name)  # the umask's mode, not the source's
     if dequantized is not None:  # the merged weights are plain 16-bit ones
         config = json.loads((out / "config.json").read_text())
         config.pop("quantization_config", None)

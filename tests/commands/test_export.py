@@ -401,3 +401,21 @@ def test_a_16bit_base_that_quantizes_to_other_bytes_is_refused(prequantized_run,
     assert f"--base {other} is not the model {prequantized_run['base4']} was quantized from" in message
     assert "gives other 4-bit bytes" in message and "dequantized 4-bit weights" in message
     assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_every_exported_file_follows_the_umask(run, tmp_path, capsys):
+    """A shared serving machine reads the export as it reads any other file (the weights were 0600)."""
+    import os
+
+    run_dir, _ = run
+    previous = os.umask(0o027)
+    try:
+        assert main([str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+        assert main([str(run_dir), "--out", str(tmp_path / "merged"), "--merge", "--no-compare"]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "adapter").iterdir()] + [p for p in (tmp_path / "merged").iterdir()]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "adapter_config.json", "config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
+    for directory in (tmp_path / "adapter", tmp_path / "merged"):
+        assert directory.stat().st_mode & 0o777 == 0o750
