@@ -24,15 +24,14 @@ from pathlib import Path
 from typing import Any
 
 from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, staged_directory
+from lightning_paged.core.compare import LogitComparison, compare_logits
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import (
     DEFAULT_MAX_SHARD_SIZE,
     Adapter,
     ExportError,
-    LogitComparison,
     MergeReport,
     adapter_from_state_dict,
-    compare_logits,
     merge_adapter,
     save_adapter,
 )

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -172,16 +173,8 @@ def merge_adapter(
     if adapter.config.get("rank_pattern") or adapter.config.get("alpha_pattern"):
         raise ExportError("merging an adapter with per-layer rank_pattern/alpha_pattern is not supported")
     base = Path(base_dir)
-    shards = sorted(base.glob("*.safetensors"))
-    if not shards:
-        other = "no model weights"
-        if any(base.glob("*.bin")):
-            other = "only PyTorch .bin files; re-save it with save_pretrained(safe_serialization=True)"
-        raise ExportError(
-            f"base directory {base} holds {other}: merging reads the 16-bit safetensors weights"
-        )
     with contextlib.ExitStack() as stack:
-        entries, dequantized = _base_entries(base, shards, stack)
+        entries, dequantized = _base_entries(base, stack)
         targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
         missing = sorted(set(targets) - {e.name for e in entries})
         if missing:
@@ -232,13 +225,34 @@ class TensorEntry:
     """How to read it when it is not stored as it is written (a dequantized 4-bit weight)."""
 
 
-def _base_entries(
-    base: Path, shards: list[Path], stack: contextlib.ExitStack
-) -> tuple[list[TensorEntry], str | None]:
-    """The tensors to merge onto, and the 4-bit type of a pre-quantized base (dequantized), else None."""
-    from lightning_paged.core.export_4bit import dequantized_entries, is_prequantized
+def _base_entries(base: Path, stack: contextlib.ExitStack) -> tuple[list[TensorEntry], str | None]:
+    """The tensors to merge onto, and the 4-bit type of a pre-quantized base (dequantized), else None.
 
-    entries = [entry for shard in shards for entry in _tensor_entries(shard)]
+    safetensors files are read from their headers; PyTorch ``.bin`` files (zip format) are mapped
+    with ``torch.load(mmap=True)`` and each tensor is read when it is written.
+    """
+    from lightning_paged.core.export_4bit import SAFETENSORS_NAMES, dequantized_entries, is_prequantized
+    from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
+
+    shards = sorted(base.glob("*.safetensors"))
+    if shards:
+        entries = [entry for shard in shards for entry in _tensor_entries(shard)]
+    else:
+        try:
+            files = stack.enter_context(WeightFiles(base))
+        except WeightLoadError as err:
+            raise ExportError(f"base directory {base}: {err}") from None
+        entries = [
+            TensorEntry(
+                key,
+                entry.file,
+                SAFETENSORS_NAMES[entry.dtype],
+                list(entry.shape),
+                int(torch.Size(entry.shape).numel()) * entry.dtype.itemsize,
+                read=functools.partial(files.read, key),
+            )
+            for key, entry in sorted(files.entries.items())
+        ]
     if not is_prequantized(base):
         return entries, None
     return dequantized_entries(base, entries, stack)
@@ -343,48 +357,6 @@ def _merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
 
 _MERGE_BLOCK_ELEMENTS = 16 * 2**20
 """float32 elements per row block of a merge (64 MiB of temporaries)."""
-
-
-@dataclass
-class LogitComparison:
-    """How far two models' logits are apart on the same probe tokens."""
-
-    max_abs: float
-    mean_abs: float
-    top1_agreement: float
-    """Share of positions where both models rank the same token first."""
-    tokens: int
-
-    def summary(self) -> str:
-        return (
-            f"largest logit difference {self.max_abs:.4g} (mean {self.mean_abs:.3g}; same top-1 token at "
-            f"{100 * self.top1_agreement:.1f}% of {self.tokens} probe positions)"
-        )
-
-
-@torch.no_grad()
-def compare_logits(
-    model: nn.Module, reference: nn.Module, vocab_size: int, batch: int = 2, length: int = 32, seed: int = 0
-) -> LogitComparison:
-    """Logits of ``model`` against ``reference`` on ``batch x length`` random probe tokens (seeded)."""
-    ids = torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
-    modes = (model.training, reference.training)
-    model.eval()
-    reference.eval()
-    try:
-        ours = model(input_ids=ids.to(_device(model))).logits.float().cpu()
-        theirs = reference(input_ids=ids.to(_device(reference))).logits.float().cpu()
-    finally:
-        model.train(modes[0])
-        reference.train(modes[1])
-    difference = (ours - theirs).abs()
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    return LogitComparison(difference.max().item(), difference.mean().item(), agree, ids.numel())
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -22,11 +22,12 @@ from typing import Any
 import torch
 
 from lightning_paged.core.export import ExportError, TensorEntry, progress_bar
-from lightning_paged.core.loading.files import WeightFiles
+from lightning_paged.core.loading.files import SAFETENSORS_DTYPES, WeightFiles
 from lightning_paged.core.loading.prequantized import Prequantized, read_prequantized
 from lightning_paged.core.loading.skeleton import read_quantization_config
 
-_SAFETENSORS_DTYPES = {torch.bfloat16: "BF16", torch.float16: "F16", torch.float32: "F32"}
+SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+"""The safetensors name of each dtype (``torch.bfloat16``: ``BF16``)."""
 
 
 def is_prequantized(directory: str | Path) -> bool:
@@ -88,9 +89,7 @@ def dequantized_entries(
             shape = [int(s) for s in state.shape]
             read: Callable[[], torch.Tensor] = partial(_dequantized, pre, files, layer)
             nbytes = int(torch.Size(shape).numel()) * state.dtype.itemsize
-            entry = TensorEntry(
-                entry.name, entry.shard, _SAFETENSORS_DTYPES[state.dtype], shape, nbytes, read
-            )
+            entry = TensorEntry(entry.name, entry.shard, SAFETENSORS_NAMES[state.dtype], shape, nbytes, read)
         result.append(entry)
     return result, pre.quant_type
 

@@ -63,10 +63,10 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         """
         Args:
             model_name_or_path: A local directory holding a transformers causal LM (``config.json`` and
-                safetensors weights, 16-bit or bitsandbytes 4-bit); nothing is downloaded. The model is
-                built empty here; a QLoRA strategy reads the weights at setup, quantizing each as it
-                is read on the training device (every rank from the files). With any other strategy
-                they are loaded in bfloat16 in ``configure_model``.
+                safetensors or PyTorch ``.bin`` weights, 16-bit or bitsandbytes 4-bit); nothing is
+                downloaded. The model is built empty here; a QLoRA strategy reads the weights at setup,
+                quantizing each as it is read on the training device (every rank from the files). With
+                any other strategy they are loaded in bfloat16 in ``configure_model``.
             model_config: A transformers config as a dict, with ``model_type`` (e.g. ``{"model_type":
                 "llama", "hidden_size": 64, ...}``), for a randomly initialised model. ``vocab_size``
                 defaults to the tokenizer's size. Give this or ``model_name_or_path``, not both.

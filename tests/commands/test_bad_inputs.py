@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import quiet_trainer, tiny_llama_config
+from safetensors.torch import load_file
 
 from lightning_paged.commands.errors import TRACEBACK_ENV
 from lightning_paged.commands.main import main
@@ -124,6 +125,11 @@ ROWS = [
     Row("model_dir_without_weights", [*FROM_DIR, "{bad}/no-weights"], ["model", "no-weights"]),
     Row("model_dir_truncated_weights", [*FROM_DIR, "{bad}/truncated-weights"], ["model"]),
     Row("model_dir_truncated_config", [*FROM_DIR, "{bad}/truncated-config"], ["model", "config.json"]),
+    Row(
+        "model_dir_legacy_bin",  # zip-format .bin files are streamed; the pre-1.6 format cannot be mapped
+        [*FROM_DIR, "{bad}/legacy-bin"],
+        ["model.init_args.model_name_or_path", "legacy format", "Convert the model once"],
+    ),
     Row(
         "model_dir_and_config",
         [f"{MODEL}model_name_or_path", "{model}"],
@@ -378,6 +384,10 @@ def broken_inputs(base: Path, model: Path, data: Path) -> Path:
     weights = bad / "truncated-weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.copytree(model, bad / "truncated-config")
+    (bad / "legacy-bin").mkdir()
+    shutil.copy(model / "config.json", bad / "legacy-bin" / "config.json")
+    legacy = bad / "legacy-bin" / "pytorch_model.bin"
+    torch.save(load_file(model / "model.safetensors"), legacy, _use_new_zipfile_serialization=False)
     config = bad / "truncated-config" / "config.json"
     config.write_text(config.read_text()[:40])
     (bad / "tokenizer").mkdir()

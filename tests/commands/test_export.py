@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lightning_paged.commands.export import main
-from lightning_paged.core.export import adapter_from_model, compare_logits
+from lightning_paged.core.compare import compare_logits
+from lightning_paged.core.export import adapter_from_model
 from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 
 VOCAB = 64
@@ -419,3 +420,24 @@ def test_every_exported_file_follows_the_umask(run, tmp_path, capsys):
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
     for directory in (tmp_path / "adapter", tmp_path / "merged"):
         assert directory.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_base_of_bin_files_merges_as_its_safetensors_do(run, base_dir, tmp_path):
+    """A base with only PyTorch .bin shards (zip format) is read mapped, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    from lightning_paged.core.export import merge_adapter
+
+    _, trained = run
+    bin_dir = tmp_path / "bin-base"
+    bin_dir.mkdir()
+    shutil.copy(base_dir / "config.json", bin_dir / "config.json")
+    for i, shard in enumerate(sorted(base_dir.glob("*.safetensors"))):
+        torch.save(load_file(shard), bin_dir / f"pytorch_model-{i:05d}.bin")
+    adapter = adapter_from_model(trained.model)
+    merge_adapter(adapter, base_dir, tmp_path / "from-safetensors", max_shard_size=10**9, progress=False)
+    report = merge_adapter(adapter, bin_dir, tmp_path / "from-bin", max_shard_size=10**9, progress=False)
+    assert report.merged == len(adapter.pairs()) > 0
+    want = load_file(tmp_path / "from-safetensors" / "model.safetensors")
+    got = load_file(tmp_path / "from-bin" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)

@@ -149,6 +149,41 @@ def test_ddp_spawn_warns_in_the_launching_process(tmp_path, monkeypatch):
     assert launched["flag"] is True
 
 
+def test_a_model_directory_of_bin_files_trains_through_the_command(tmp_path, caplog):
+    """A directory with only PyTorch .bin shards (zip format) streams into 4-bit like safetensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from lightning_paged.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    saved = tmp_path / "safetensors"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=259)).save_pretrained(saved, max_shard_size="100KB")
+    model = tmp_path / "bin-model"
+    model.mkdir()
+    (model / "config.json").write_text((saved / "config.json").read_text())
+    weight_map = {}
+    for i, shard in enumerate(sorted(saved.glob("*.safetensors")), start=1):
+        tensors = load_file(shard)
+        torch.save(tensors, model / f"pytorch_model-{i:05d}.bin")
+        weight_map.update(dict.fromkeys(tensors, f"pytorch_model-{i:05d}.bin"))
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    args = [
+        *quick_run_args(tmp_path / "run", steps=1),
+        "--model.init_args.model_config",
+        "null",
+        "--model.init_args.model_name_or_path",
+        str(model),
+    ]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert (
+        f"weights streamed from {model} ({len(weight_map and set(weight_map.values()))} files" in caplog.text
+    )
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 # --- resume: a kill during a checkpoint write, then resume with --ckpt_path last --------------------
 
 SLOW_CHECKPOINTS = ROOT / "tests" / "scripts" / "slow_checkpoint_cli.py"
