@@ -441,3 +441,24 @@ def test_a_base_of_bin_files_merges_as_its_safetensors_do(run, base_dir, tmp_pat
     want = load_file(tmp_path / "from-safetensors" / "model.safetensors")
     got = load_file(tmp_path / "from-bin" / "model.safetensors")
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_run_directory_exports_its_newest_readable_checkpoint_by_step(run, tmp_path, capsys):
+    """Not the file written last: a copy of an earlier step and a truncated file are both newer."""
+    import os
+    import time
+
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoints = copy / "checkpoints"
+    earlier = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    earlier["global_step"] = 1
+    torch.save(earlier, checkpoints / "epoch=0-step=1-copied-later.ckpt")
+    (checkpoints / "epoch=0-step=9.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])
+    later = time.time() + 60
+    for name in ("epoch=0-step=1-copied-later.ckpt", "epoch=0-step=9.ckpt"):
+        os.utime(checkpoints / name, (later, later))
+    with pytest.warns(UserWarning, match=r"epoch=0-step=9.ckpt .* cannot be read"):
+        assert main([str(copy), "--out", str(tmp_path / "adapter")]) == 0
+    assert f"Wrote the PEFT adapter of {checkpoints / 'last.ckpt'}" in capsys.readouterr().out

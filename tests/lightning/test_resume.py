@@ -278,3 +278,54 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path):
         assert newest_checkpoint([tmp_path, tmp_path / "missing"]) == tmp_path / "step=4.ckpt"
     save_checkpoint_file({"global_step": 4}, tmp_path / "last.ckpt")
     assert newest_checkpoint([tmp_path]) == tmp_path / "last.ckpt"  # a tie goes to last.ckpt
+
+
+def test_ckpt_path_last_in_a_lightning_cli_of_ones_own(tmp_path, data_file, monkeypatch):
+    """A LightningCLI with Lightning's default, numbered logger versions: every run writes to a new
+    version_N, where Lightning's own ckpt_path="last" finds nothing. The exported helper finds the
+    newest checkpoint of the earlier versions."""
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_paged import last_checkpoint
+
+    class MyCLI(LightningCLI):
+        def before_fit(self):
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                self.config_init[self.subcommand]["ckpt_path"] = last_checkpoint(self.trainer)
+
+    def run(steps: int, *extra: str) -> MyCLI:
+        args = [
+            "fit",
+            "--trainer.strategy=paged_qlora",
+            "--trainer.accelerator=cpu",
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.save_last=true",
+            f"--model.model_config={json.dumps(MODEL_CONFIG)}",
+            "--model.optimizer={'name': 'adamw', 'lr': 0.01}",
+            f"--data.data_path={data_file}",
+            "--data.max_length=80",
+            "--data.batch_size=4",
+            *extra,
+        ]
+        return MyCLI(
+            CausalLMModule,
+            InstructionDataModule,
+            args=args,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+        )
+
+    monkeypatch.setattr(sys, "argv", ["my_cli.py"])
+    run(2)
+    resumed = run(3, "--ckpt_path", "last")
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert resumed.trainer.ckpt_path == str(first)
+    assert resumed.trainer.global_step == 3  # two steps restored, one trained
+    assert (tmp_path / "lightning_logs" / "version_1").is_dir()
