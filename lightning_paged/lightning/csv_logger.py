@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ class ResumableCSVLogger(CSVLogger):
         if self._ahead is not None:
             ahead_step, written = self._ahead
             if step == ahead_step:
-                metrics = {k: v for k, v in metrics.items() if k not in written or written[k] != v}
+                metrics = {k: v for k, v in metrics.items() if k not in written or not _same(written[k], v)}
                 if not metrics:
                     return
             else:
@@ -152,3 +153,8 @@ def _step(row: dict[str, str]) -> int | None:
         return int(float(row.get("step") or ""))
     except ValueError:
         return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, NaN equal to NaN (a step's NaN loss is the same value when logged again)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))
