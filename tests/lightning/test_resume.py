@@ -290,7 +290,7 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path):
 
 def test_ckpt_path_last_in_a_lightning_cli_of_ones_own(tmp_path, data_file, monkeypatch):
     """A LightningCLI with Lightning's default, numbered logger versions: every run writes to a new
-    version_N, where Lightning's own ckpt_path="last" finds nothing. The exported helper finds the
+    version_N, where Lightning's own ckpt_path="last" finds nothing. The exported function finds the
     newest checkpoint of the earlier versions."""
     import sys
 
