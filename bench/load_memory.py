@@ -7,6 +7,10 @@
 (c) ``load_then_convert``: the path before streaming (``from_pretrained`` in bfloat16, then
     ``convert_to_qlora``).
 
+The same model saved as PyTorch ``.bin`` shards (zip format, as ``save_pretrained(safe_serialization=
+False)`` writes them) is loaded the streaming way too (``streaming_bin``: ``torch.load(mmap=True,
+weights_only=True)`` maps each file). Goal: its peak <= 1.1 x the streaming load of the safetensors.
+
 Memory is the peak of ``RssAnon`` (anonymous resident memory, from ``/proc/self/status``, sampled
 every millisecond in a thread) above the worker's level after its imports: the file pages of the
 memory-mapped safetensors files are the page cache's and do not count. Goals: (a) <= 1.1 x (b), and
@@ -37,6 +41,8 @@ from common import REPO, fmt_bytes, machine_info, markdown_table, run_worker, wr
 NAME = "load_memory"
 MB = 1000 * 1000
 METHODS = ("streaming", "transformers_4bit", "load_then_convert")
+BIN = "streaming_bin"
+"""The streaming load of the model's ``.bin`` copy (worker method ``streaming`` on that directory)."""
 
 FULL = {
     "0.5B": dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=36, vocab_size=32000),
@@ -102,6 +108,31 @@ def generate(directory: Path, settings: dict[str, Any], shard_mb: int, seed: int
     (staging / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2))
     config.save_pretrained(staging)
     staging.rename(directory)
+
+
+def bin_copy(directory: Path) -> Path:
+    """The model of ``directory`` with its safetensors shards saved as PyTorch ``.bin`` shards, one at a time."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    target = directory.with_name(directory.name + "-bin")
+    if (target / "config.json").is_file():
+        return target
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    names = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        names[shard] = shard.replace("model-", "pytorch_model-").replace(".safetensors", ".bin")
+        torch.save(load_file(directory / shard), staging / names[shard])
+    index["weight_map"] = {k: names[v] for k, v in index["weight_map"].items()}
+    (staging / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
+    shutil.copy(directory / "config.json", staging / "config.json")
+    staging.rename(target)
+    return target
 
 
 # --- one measurement, in a fresh process -------------------------------------------------------------------
@@ -229,6 +260,10 @@ def goals(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if "load_then_convert" in runs:
         ratio = ours["peak_above_baseline_bytes"] / runs["load_then_convert"]["peak_above_baseline_bytes"]
         result["streaming_over_load_then_convert"] = round(ratio, 3)
+    if BIN in runs:
+        ratio = runs[BIN]["peak_above_baseline_bytes"] / ours["peak_above_baseline_bytes"]
+        result["bin_over_safetensors"] = round(ratio, 3)
+        result["bin_within_1.1x_safetensors"] = ratio <= 1.1
     return result
 
 
@@ -253,13 +288,13 @@ def main() -> None:
 
     if args.quick:
         cache = args.out_dir or args.cache_dir
-        plan = [("26M", 4, ("streaming", "load_then_convert"), "main")]
+        plan = [("26M", 4, ("streaming", BIN, "load_then_convert"), "main")]
         models = QUICK
     else:
         cache = args.cache_dir
         models = FULL
         plan = [
-            ("0.5B", 200, METHODS, "main"),
+            ("0.5B", 200, (*METHODS, BIN), "main"),
             ("0.5B", 100, ("streaming", "transformers_4bit"), "growth"),
             ("0.5B", 400, ("streaming", "transformers_4bit"), "growth"),
             ("0.25B", 200, ("streaming", "transformers_4bit"), "growth"),
@@ -268,7 +303,9 @@ def main() -> None:
     for size, shard_mb, methods, role in plan:
         directory = model_dir(cache, size, shard_mb)
         generate(directory, models[size], shard_mb)
-        runs = measure(directory, methods)
+        runs = measure(directory, tuple(m for m in methods if m != BIN))
+        if BIN in methods:
+            runs[BIN] = measure(bin_copy(directory), ("streaming",))["streaming"]
         shards = len(list(directory.glob("*.safetensors")))
         cases.append(
             {
@@ -325,6 +362,10 @@ def render(cases: list[dict[str, Any]]) -> str:
             )
         if "streaming_over_load_then_convert" in g:
             parts.append(f"streaming / load-then-convert = {g['streaming_over_load_then_convert']:.2f}")
+        if "bin_over_safetensors" in g:
+            parts.append(
+                f"streaming .bin / streaming safetensors = {g['bin_over_safetensors']:.2f} (goal <= 1.1)"
+            )
         lines.append(f"- {case['model']}, {case['shards']} x {case['shard_mb']} MB: " + "; ".join(parts))
     return "\n".join(lines)
 

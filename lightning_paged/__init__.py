@@ -18,6 +18,7 @@ from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.module import CausalLMModule
 from lightning_paged.lightning.monitor import EvictionMonitor
+from lightning_paged.lightning.resume_check import last_checkpoint
 from lightning_paged.lightning.strategies import (
     PagedQLoRADDPStrategy,
     PagedQLoRAFSDPStrategy,
@@ -56,6 +57,7 @@ __all__ = [
     "check_packing_support",
     "convert_to_qlora",
     "empty_model",
+    "last_checkpoint",
     "load_and_convert",
     "load_tokenizer",
     "merge_adapter",

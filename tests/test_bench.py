@@ -114,6 +114,10 @@ def test_load_memory_quick_streams_a_sharded_model_within_the_host_memory_bound(
     bound = 1.5 * (ours["loaded_model_bytes"] + ours["largest_tensor_16bit_bytes"])
     assert 0 < ours["peak_above_baseline_bytes"] <= bound
     assert "streaming" in markdown and "peak RssAnon above imports" in markdown
+    from_bin = case["runs"]["streaming_bin"]  # the same model as .bin shards, mapped by torch.load
+    assert from_bin["quantized_layers"] == ours["quantized_layers"]
+    assert from_bin["directory"].endswith("-bin") and 0 < from_bin["peak_above_baseline_bytes"] <= bound
+    assert "bin_over_safetensors" in case["goals"]
 
 
 def test_memory_truth_quick(quick_runs):

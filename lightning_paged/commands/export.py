@@ -24,19 +24,19 @@ from pathlib import Path
 from typing import Any
 
 from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, staged_directory
+from lightning_paged.core.compare import LogitComparison, compare_logits
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import (
     DEFAULT_MAX_SHARD_SIZE,
     Adapter,
     ExportError,
-    LogitComparison,
     MergeReport,
     adapter_from_state_dict,
-    compare_logits,
     merge_adapter,
     save_adapter,
 )
-from lightning_paged.core.fingerprint import Fingerprint, tensors_fingerprint
+from lightning_paged.core.export_4bit import check_quantizes_to, is_prequantized
+from lightning_paged.core.fingerprint import BaseFingerprint, Fingerprint, tensors_fingerprint
 from lightning_paged.core.qlora import convert_to_qlora, qlora_config_from_init_args, select_target
 from lightning_paged.core.run_checks import (
     check_base,
@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--base",
         type=Path,
-        help="the base model directory, when it is no longer where the run loaded it from (same weights)",
+        help="the base model directory, when it is no longer where the run loaded it from (same weights); "
+        "for a run trained on a pre-quantized 4-bit base, the 16-bit model it was quantized from (checked to "
+        "quantize to the same bytes)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     parser.add_argument(
@@ -136,24 +138,42 @@ class ExportResult:
     config: Path
     merge: MergeReport | None = None
     comparison: LogitComparison | None = None
+    stands_in_for: Path | None = None
+    """The pre-quantized base the run was trained on, when a 16-bit ``--base`` was checked to quantize to it."""
+    layers_checked: int = 0
 
     def summary(self) -> str:
         base = str(self.base_dir) if self.base_dir else f"the model built from {self.config}"
+        lines = []
+        if self.stands_in_for is not None:
+            lines.append(
+                f"--base {self.base_dir} quantizes to the 4-bit bytes of {self.stands_in_for}, the base the run was "
+                f"trained on: {self.layers_checked} layers quantized again with its settings give the same packed "
+                "weights and quantization constants, and its other tensors are the same."
+            )
         if self.merge is None:
             load = (
                 f"AutoModelForCausalLM.from_pretrained('{self.base_dir}')"
                 if self.base_dir
                 else "<the model built from the run's config>"
             )
-            return (
-                f"Wrote the PEFT adapter of {self.checkpoint} to {self.out} (base: {base}).\n"
-                f"Load it with: PeftModel.from_pretrained({load}, '{self.out}')"
-            )
+            lines.append(f"Wrote the PEFT adapter of {self.checkpoint} to {self.out} (base: {base}).")
+            lines.append(f"Load it with: PeftModel.from_pretrained({load}, '{self.out}')")
+            return "\n".join(lines)
         files = len(self.merge.files)
-        lines = [
-            f"Merged the adapter of {self.checkpoint} into {self.merge.merged} layers of the 16-bit weights of "
-            f"{base}: {files} weight file{'s' if files > 1 else ''} in {self.out}."
-        ]
+        written = f"{files} weight file{'s' if files > 1 else ''} in {self.out}"
+        if self.merge.dequantized:
+            lines.append(
+                f"Merged the adapter of {self.checkpoint} into {self.merge.merged} layers of the weights of {base}, "
+                f"dequantized from its bitsandbytes 4-bit ({self.merge.dequantized}) weights: {written}. The "
+                "merged weights keep the 4-bit quantization error; to merge onto 16-bit weights, give --base "
+                "with the 16-bit model that was quantized (it is checked to quantize to the same bytes)."
+            )
+        else:
+            lines.append(
+                f"Merged the adapter of {self.checkpoint} into {self.merge.merged} layers of the 16-bit weights "
+                f"of {base}: {written}."
+            )
         if self.comparison is not None:
             lines.append(f"Against the 4-bit + adapter model: {self.comparison.summary()}.")
         return "\n".join(lines)
@@ -200,11 +220,17 @@ def export_run(
     )
 
     module = None
+    stands_in_for, layers_checked = None, 0
     if saved.base.kind == "files":
         configured = ((run_config.get("model") or {}).get("init_args") or {}).get("model_name_or_path")
         base_dir = find_base_dir(saved.base, configured, base)
         current = files_fingerprint_with_bar(base_dir, progress)
-        check_base(saved.base, current, checkpoint_path, "here")
+        if base is not None and current.sha256 != saved.base.sha256:
+            stands_in_for, layers_checked = _check_stand_in(
+                saved.base, configured, base_dir, current, checkpoint_path, progress
+            )
+        else:
+            check_base(saved.base, current, checkpoint_path, "here")
     else:
         if base is not None:
             raise ExportError(
@@ -216,7 +242,14 @@ def export_run(
         current = tensors_fingerprint(_target(module, meta))
         check_base(saved.base, current, checkpoint_path, f"rebuilt from {config_path.name}")
 
-    result = ExportResult(out=out, checkpoint=checkpoint_path, base_dir=base_dir, config=config_path)
+    result = ExportResult(
+        out=out,
+        checkpoint=checkpoint_path,
+        base_dir=base_dir,
+        config=config_path,
+        stands_in_for=stands_in_for,
+        layers_checked=layers_checked,
+    )
     try:
         with staged_directory(out, overwrite) as staging:
             if not merge:
@@ -228,6 +261,7 @@ def export_run(
                     checkpoint,
                     run_config,
                     base_dir,
+                    stands_in_for or base_dir,
                     module,
                     staging,
                     max_shard_size,
@@ -246,6 +280,7 @@ def _merge(
     checkpoint: dict[str, Any],
     run_config: dict[str, Any],
     base_dir: Path | None,
+    trained_base: Path | None,
     module: Any,
     staging: Path,
     max_shard_size: int,
@@ -263,7 +298,10 @@ def _merge(
         base_dir = staging / "base"
         target.save_pretrained(str(base_dir), safe_serialization=True, max_shard_size=max_shard_size)
     report = merge_adapter(adapter, base_dir, model_dir, max_shard_size=max_shard_size, progress=progress)
-    comparison = _compare(checkpoint, run_config, base_dir, module, model_dir) if compare else None
+    trained_base = (
+        trained_base or base_dir
+    )  # the model as trained: a base built from the config was saved there
+    comparison = _compare(checkpoint, run_config, trained_base, module, model_dir) if compare else None
     if (staging / "base").exists():
         shutil.rmtree(staging / "base")
     for item in model_dir.iterdir():
@@ -297,6 +335,31 @@ def _compare(
         )
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True)
     return compare_logits(merged, target, vocab_size=merged.config.vocab_size)
+
+
+def _check_stand_in(
+    saved: BaseFingerprint,
+    configured: str | None,
+    base_dir: Path,
+    current: BaseFingerprint,
+    checkpoint: Path,
+    progress: bool,
+) -> tuple[Path, int]:
+    """A ``--base`` other than the trained base: accepted for a pre-quantized base it quantizes to, byte for byte.
+
+    The pre-quantized base the run was trained on must still be where the run loaded it from (its
+    files match the checkpoint); otherwise, or when the trained base is not pre-quantized, the
+    usual refusal names the difference.
+    """
+    try:
+        trained = find_base_dir(saved, configured, None)
+    except ExportError:
+        trained = None
+    if trained is None or not is_prequantized(trained):
+        check_base(saved, current, checkpoint, "here")
+    assert trained is not None
+    check_base(saved, files_fingerprint_with_bar(trained, progress), checkpoint, "here")
+    return trained, check_quantizes_to(base_dir, trained, progress)
 
 
 def _target(module: Any, meta: dict[str, Any]) -> Any:

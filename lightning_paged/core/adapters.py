@@ -1,20 +1,30 @@
-"""Adapter-only state and rank-zero base weights: what every framework adapter shares.
+"""Adapter-only state, rank-zero base weights, optimizers over the adapters: what every front door shares.
 
 A converted model's checkpoint holds only its trainable (LoRA) weights; the frozen 4-bit base is
 rebuilt from the model source. Under data parallelism every rank must quantize rank zero's
-weights, because DDP broadcasts the packed 4-bit data but not its quantization constants.
+weights, because DDP broadcasts the packed 4-bit data but not its quantization constants. An
+optimizer built before the conversion holds none of the adapters, and training changes nothing:
+:func:`check_optimizers` refuses it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_paged.core.errors import UsageError
 from lightning_paged.core.fingerprint import CheckpointMismatchError
+
+OPTIMIZER_FIX = (
+    "Build the optimizer over the trainable parameters after the conversion: in configure_optimizers "
+    "([p for p in self.parameters() if p.requires_grad]), or with lightning_paged.PagedOptimizerMixin "
+    "(CausalLMModule: --model.init_args.optimizer); a LightningCLI of your own needs "
+    "auto_configure_optimizers=False, since its --optimizer is built over the model before the conversion"
+)
 
 
 def broadcast_from_rank_zero(module: nn.Module, device: torch.device) -> None:
@@ -70,3 +80,38 @@ def load_adapter_state_dict(module: nn.Module, state: Mapping[str, Any], strict:
                 f"{tuple(own[key].shape)}: it was written with another lora_r or model size."
             )
     module.load_state_dict(adapters, strict=False)
+
+
+def check_optimizers(optimizers: Sequence[torch.optim.Optimizer], model: nn.Module) -> str | None:
+    """Refuse an optimizer that holds none of ``model``'s trainable parameters; say which no optimizer holds.
+
+    ``model`` is the converted module. An optimizer without parameters (Lightning's stand-in when
+    ``configure_optimizers`` returns none) is left alone. Raises :class:`UsageError` naming the cause
+    and the fix; returns a warning when some trainable parameters are in no optimizer (they will not
+    train), else None.
+    """
+    named = dict(model.named_parameters())
+    trainable = {id(p): n for n, p in named.items() if p.requires_grad}
+    frozen = {id(p) for p in named.values() if not p.requires_grad}
+    held: set[int] = set()
+    for optimizer in optimizers:
+        params = [id(p) for group in optimizer.param_groups for p in group["params"]]
+        if params and not any(p in trainable for p in params):
+            foreign = sum(p not in frozen for p in params)
+            what = (
+                f"{foreign} parameters the converted model does not have (its weights before the conversion)"
+                if foreign
+                else f"only {len(params)} frozen parameters"
+            )
+            raise UsageError(
+                f"The optimizer {type(optimizer).__name__} holds none of the model's {len(trainable)} trainable "
+                f"adapter parameters but {what}: training would change nothing. {OPTIMIZER_FIX}"
+            )
+        held.update(params)
+    missing = [name for ident, name in trainable.items() if ident not in held]
+    if not missing or not held:
+        return None
+    return (
+        f"{len(missing)} of the model's {len(trainable)} trainable adapter parameters are in no optimizer "
+        f"(first: {missing[0]}) and will not train. {OPTIMIZER_FIX}"
+    )

@@ -5,13 +5,16 @@ names (``base_model.model.<module>.lora_A.weight``), so ``peft.PeftModel.from_pr
 loads it onto a 4-bit or a 16-bit base. :func:`merge_adapter` adds the adapter to the base model's
 *original* 16-bit weights, read from its safetensors files one tensor at a time and written out in
 shards as they fill, so host memory stays near one shard plus the adapter whatever the model size.
-Merging into dequantized 4-bit weights instead would bake the quantization error into the model.
+Merging into dequantized 4-bit weights instead would bake the quantization error into the model;
+for a base that only exists in 4-bit (a pre-quantized directory) that is what it does, and its
+report says so (:mod:`lightning_paged.core.export_4bit`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -107,9 +110,15 @@ def save_adapter(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (created if needed)."""
+    """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into ``out_dir`` (created if needed).
+
+    Both files get the mode the umask gives (``safetensors.torch.save_file`` would create the weights
+    with mode 0600, unreadable to other users of a shared serving machine).
+    """
     from peft import LoraConfig
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from lightning_paged.core.atomic import atomic_write
 
     init_fields = {f.name for f in dataclasses.fields(LoraConfig) if f.init}
     config = LoraConfig(**{k: v for k, v in adapter.config.items() if k in init_fields})
@@ -120,7 +129,8 @@ def save_adapter(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config.save_pretrained(str(out))
-    save_file(adapter.weights, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    data = save(adapter.weights, metadata={"format": "pt"})
+    atomic_write(out / ADAPTER_WEIGHTS_NAME, lambda file: file.write(data))
     return out
 
 
@@ -135,6 +145,8 @@ class MergeReport:
     tensors: int
     """Tensors written in all."""
     total_bytes: int
+    dequantized: str | None = None
+    """The 4-bit type (``nf4``) of a pre-quantized base whose weights were dequantized to merge onto."""
 
 
 def merge_adapter(
@@ -149,7 +161,9 @@ def merge_adapter(
     ``W + scale * (B @ A)`` is computed in float32 and stored in ``W``'s dtype. Output shards are
     laid out from the input files' headers first, then written one tensor at a time: host memory
     holds one tensor (and a bounded float32 block of it) at a time, plus the adapter. Every other
-    file of ``base_dir`` (config, generation config, tokenizer) is copied.
+    file of ``base_dir`` (config, generation config, tokenizer) is copied. A pre-quantized
+    (bitsandbytes 4-bit) ``base_dir`` is merged onto its dequantized weights, written in the dtype
+    they were quantized from, and its ``config.json`` loses its ``quantization_config``.
     """
     if adapter.config.get("use_dora"):
         raise ExportError(
@@ -159,63 +173,98 @@ def merge_adapter(
     if adapter.config.get("rank_pattern") or adapter.config.get("alpha_pattern"):
         raise ExportError("merging an adapter with per-layer rank_pattern/alpha_pattern is not supported")
     base = Path(base_dir)
-    shards = sorted(base.glob("*.safetensors"))
-    if not shards:
-        other = "no model weights"
-        if any(base.glob("*.bin")):
-            other = "only PyTorch .bin files; re-save it with save_pretrained(safe_serialization=True)"
-        raise ExportError(
-            f"base directory {base} holds {other}: merging reads the 16-bit safetensors weights"
+    with contextlib.ExitStack() as stack:
+        entries, dequantized = _base_entries(base, stack)
+        targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
+        missing = sorted(set(targets) - {e.name for e in entries})
+        if missing:
+            raise ExportError(
+                f"{len(missing)} adapted layers have no weight in the base files of {base} (first: "
+                f"{missing[0]}): this is not the base model the adapter was trained on"
+            )
+        groups = _shard_groups(entries, max_shard_size)
+        count = len(groups)
+        names = (
+            ["model.safetensors"]
+            if count == 1
+            else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         )
-    entries = [entry for shard in shards for entry in _tensor_entries(shard)]
-    targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
-    missing = sorted(set(targets) - {e.name for e in entries})
-    if missing:
-        raise ExportError(
-            f"{len(missing)} adapted layers have no weight in the base files of {base} (first: {missing[0]}): "
-            "this is not the base model the adapter was trained on"
-        )
-    groups = _shard_groups(entries, max_shard_size)
-    count = len(groups)
-    names = (
-        ["model.safetensors"]
-        if count == 1
-        else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
-    )
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    total = sum(e.nbytes for e in entries)
-    with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
-        for group, name in zip(groups, names):
-            _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        total = sum(e.nbytes for e in entries)
+        with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
+            for group, name in zip(groups, names):
+                _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
     if count > 1:
         weight_map = {e.name: name for group, name in zip(groups, names) for e in group}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (out / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
     for item in base.iterdir():
         if item.is_file() and item.suffix not in (".safetensors", ".bin") and item.name != INDEX_NAME:
-            shutil.copy2(item, out / item.name)
-    return MergeReport(files=names, merged=len(targets), tensors=len(entries), total_bytes=total)
+            shutil.copyfile(item, out / item.name)  # the umask's mode, not the source's
+    if dequantized is not None:  # the merged weights are plain 16-bit ones
+        config = json.loads((out / "config.json").read_text())
+        config.pop("quantization_config", None)
+        (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return MergeReport(
+        files=names, merged=len(targets), tensors=len(entries), total_bytes=total, dequantized=dequantized
+    )
 
 
 @dataclass
-class _Entry:
-    """One tensor of an input safetensors file, from its header."""
+class TensorEntry:
+    """One tensor of a merge's input, from its file's header: where it is and what it will be written as."""
 
     name: str
     shard: Path
     dtype: str
+    """Its safetensors dtype name (``BF16``)."""
     shape: list[int]
     nbytes: int
+    read: Callable[[], torch.Tensor] | None = None
+    """How to read it when it is not stored as it is written (a dequantized 4-bit weight)."""
 
 
-def _tensor_entries(shard: Path) -> list[_Entry]:
+def _base_entries(base: Path, stack: contextlib.ExitStack) -> tuple[list[TensorEntry], str | None]:
+    """The tensors to merge onto, and the 4-bit type of a pre-quantized base (dequantized), else None.
+
+    safetensors files are read from their headers; PyTorch ``.bin`` files (zip format) are mapped
+    with ``torch.load(mmap=True)`` and each tensor is read when it is written.
+    """
+    from lightning_paged.core.export_4bit import SAFETENSORS_NAMES, dequantized_entries, is_prequantized
+    from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
+
+    shards = sorted(base.glob("*.safetensors"))
+    if shards:
+        entries = [entry for shard in shards for entry in _tensor_entries(shard)]
+    else:
+        try:
+            files = stack.enter_context(WeightFiles(base))
+        except WeightLoadError as err:
+            raise ExportError(f"base directory {base}: {err}") from None
+        entries = [
+            TensorEntry(
+                key,
+                entry.file,
+                SAFETENSORS_NAMES[entry.dtype],
+                list(entry.shape),
+                int(torch.Size(entry.shape).numel()) * entry.dtype.itemsize,
+                read=functools.partial(files.read, key),
+            )
+            for key, entry in sorted(files.entries.items())
+        ]
+    if not is_prequantized(base):
+        return entries, None
+    return dequantized_entries(base, entries, stack)
+
+
+def _tensor_entries(shard: Path) -> list[TensorEntry]:
     with open(shard, "rb") as file:
         (length,) = struct.unpack("<Q", file.read(8))
         header = json.loads(file.read(length))
     header.pop("__metadata__", None)
     entries = [
-        _Entry(
+        TensorEntry(
             name, shard, info["dtype"], list(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0]
         )
         for name, info in header.items()
@@ -223,8 +272,8 @@ def _tensor_entries(shard: Path) -> list[_Entry]:
     return sorted(entries, key=lambda e: e.name)
 
 
-def _shard_groups(entries: list[_Entry], max_bytes: int) -> list[list[_Entry]]:
-    groups: list[list[_Entry]] = [[]]
+def _shard_groups(entries: list[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:
+    groups: list[list[TensorEntry]] = [[]]
     size = 0
     for entry in entries:
         if groups[-1] and size + entry.nbytes > max_bytes:
@@ -243,9 +292,11 @@ class _TensorReader(contextlib.ExitStack):
         self.path: Path | None = None
         self.file: Any = None
 
-    def get(self, entry: _Entry) -> torch.Tensor:
+    def get(self, entry: TensorEntry) -> torch.Tensor:
         from safetensors import safe_open
 
+        if entry.read is not None:
+            return entry.read()
         if entry.shard != self.path:
             self.close()
             self.file = self.enter_context(safe_open(str(entry.shard), framework="pt"))
@@ -255,7 +306,7 @@ class _TensorReader(contextlib.ExitStack):
 
 def _write_safetensors(
     path: Path,
-    entries: list[_Entry],
+    entries: list[TensorEntry],
     reader: _TensorReader,
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     scale: float,
@@ -306,48 +357,6 @@ def _merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
 
 _MERGE_BLOCK_ELEMENTS = 16 * 2**20
 """float32 elements per row block of a merge (64 MiB of temporaries)."""
-
-
-@dataclass
-class LogitComparison:
-    """How far two models' logits are apart on the same probe tokens."""
-
-    max_abs: float
-    mean_abs: float
-    top1_agreement: float
-    """Share of positions where both models rank the same token first."""
-    tokens: int
-
-    def summary(self) -> str:
-        return (
-            f"largest logit difference {self.max_abs:.4g} (mean {self.mean_abs:.3g}; same top-1 token at "
-            f"{100 * self.top1_agreement:.1f}% of {self.tokens} probe positions)"
-        )
-
-
-@torch.no_grad()
-def compare_logits(
-    model: nn.Module, reference: nn.Module, vocab_size: int, batch: int = 2, length: int = 32, seed: int = 0
-) -> LogitComparison:
-    """Logits of ``model`` against ``reference`` on ``batch x length`` random probe tokens (seeded)."""
-    ids = torch.randint(0, vocab_size, (batch, length), generator=torch.Generator().manual_seed(seed))
-    modes = (model.training, reference.training)
-    model.eval()
-    reference.eval()
-    try:
-        ours = model(input_ids=ids.to(_device(model))).logits.float().cpu()
-        theirs = reference(input_ids=ids.to(_device(reference))).logits.float().cpu()
-    finally:
-        model.train(modes[0])
-        reference.train(modes[1])
-    difference = (ours - theirs).abs()
-    agree = (ours.argmax(-1) == theirs.argmax(-1)).float().mean().item()
-    return LogitComparison(difference.max().item(), difference.mean().item(), agree, ids.numel())
-
-
-def _device(model: nn.Module) -> torch.device:
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
 
 
 @contextlib.contextmanager

@@ -1,4 +1,4 @@
-"""The LightningCLI of ``lightning-paged fit/validate/test/predict``.
+"""The LightningCLI of ``lightning-paged fit/validate/test``.
 
 Configs are YAML with omegaconf interpolation resolved over the merged config (``${vars.x}``,
 ``${trainer.default_root_dir}``, command-line overrides included). The CLI's automatic
@@ -29,8 +29,19 @@ from lightning_paged.lightning.cli_errors import (
     instantiating_key,
     locate_setting_error,
 )
-from lightning_paged.lightning.config_checks import check_checkpoint_path, check_config
+from lightning_paged.lightning.config_checks import (
+    check_checkpoint_path,
+    check_command_line_comments,
+    check_config,
+    check_val_check_interval,
+)
 
+PREDICT_LEFT_OUT = (
+    "predict is not a lightning-paged subcommand: no module or data module here defines prediction yet. "
+    "To generate with a trained run, export its adapter (lightning-paged export RUN --out DIR) and load it "
+    "with PEFT onto the base model (docs/checkpoints.md), or call CausalLMModule.generate_sample(instruction)"
+)
+"""What ``lightning-paged predict`` answers."""
 DESCRIPTION = (
     "NF4 QLoRA fine-tuning with paged optimizers and eviction monitoring. Models: "
     "lightning_paged.CausalLMModule or any LightningModule; data: lightning_paged.InstructionDataModule or "
@@ -40,6 +51,12 @@ DESCRIPTION = (
 
 class PagedCLI(LightningCLI):
     """LightningCLI with omegaconf+ interpolation, a ``vars`` section and optimizer settings on the model."""
+
+    @staticmethod
+    @override
+    def subcommands() -> dict[str, set[str]]:
+        """``fit``, ``validate`` and ``test``: ``predict`` is left out (see :data:`PREDICT_LEFT_OUT`)."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name != "predict"}
 
     @override
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -64,6 +81,8 @@ class PagedCLI(LightningCLI):
                 subcommand = next((a for a in argv if a in self.subcommands()), None)
                 raise explain_interpolation_error(err, subcommand) from err
             raise
+        subcommand = self.config.get("subcommand")
+        check_command_line_comments(argv, self.config.get(subcommand) if subcommand else self.config)
 
     def _parser_keys(self, argv: list[str]) -> list[str]:
         """The keys of the subcommand's parser (``trainer.max_steps``, ...), for "did you mean"."""
@@ -132,18 +151,19 @@ class PagedCLI(LightningCLI):
 
         if isinstance(self.datamodule, InstructionDataModule):
             self.datamodule.check_data()
+            check_val_check_interval(self.trainer, self.datamodule)
         strategy = self.trainer.strategy
         if isinstance(strategy, QLoRAStrategyMixin):
             strategy.check_module(self.model)
+        warn_unless_qlora = getattr(self.model, "warn_unless_qlora", None)
+        if callable(warn_unless_qlora):  # here, in the launching process: ddp_spawn's hooks run elsewhere
+            warn_unless_qlora(strategy)
         self._check_checkpoint()
 
     def before_validate(self) -> None:
         self._check_checkpoint()
 
     def before_test(self) -> None:
-        self._check_checkpoint()
-
-    def before_predict(self) -> None:
         self._check_checkpoint()
 
     def after_fit(self) -> None:

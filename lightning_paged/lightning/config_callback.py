@@ -1,7 +1,7 @@
 """``RunConfigCallback``: the resolved config saved beside the logs once a fit has really started.
 
 Lightning's ``SaveConfigCallback`` writes ``config.yaml`` at ``setup`` of every command (``fit``,
-``validate``, ``test``, ``predict``), before the checkpoint is loaded and checked: a refused resume
+``validate``, ``test``), before the checkpoint is loaded and checked: a refused resume
 or a ``validate`` run has then already replaced the run's config. This one writes only for ``fit``,
 at ``on_train_start`` (after the checkpoint restore and its checks), atomically.
 """

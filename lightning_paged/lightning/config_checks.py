@@ -5,7 +5,8 @@ it is typed on the command line. They catch what would otherwise fail late (afte
 tokenized and the model quantized) or with a message about something else: a strategy or
 optimizer name with a typo, optimizer settings, ``warmup_steps`` that outlast ``max_steps``, a GPU
 accelerator without a GPU, a model tokenizer that is not the data's, output directories that cannot
-be written, and a ``ckpt_path`` that is not a readable checkpoint.
+be written, a ``ckpt_path`` that is not a readable checkpoint, a command-line value YAML read as a
+comment, and a ``val_check_interval`` longer than the epoch.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from lightning_paged.core.errors import SettingError
+from lightning_paged.core.errors import SettingError, UsageError
 from lightning_paged.core.settings import did_you_mean
 from lightning_paged.lightning.cli_errors import import_class_path
 
@@ -190,3 +191,77 @@ def check_checkpoint_path(ckpt_path: Any) -> None:
             "is not a Lightning checkpoint: torch.load(weights_only=True), as Lightning resumes, refuses "
             "what it holds; give a .ckpt file that a lightning-paged run wrote",
         ) from err
+
+
+def check_command_line_comments(argv: list[str], config: Any) -> None:
+    """Refuse a command-line value that starts with ``#`` and was parsed as nothing.
+
+    jsonargparse reads command-line values as YAML, where an unquoted ``#`` starts a comment:
+    ``--data.init_args.prompt_template "### Question: ..."`` arrives as null, and quoting it in the
+    shell does not help (the shell removes the quotes; YAML quotes would stay in the value).
+    ``config`` is the parsed config of the subcommand.
+    """
+    for index, arg in enumerate(argv):
+        if not arg.startswith("--"):
+            continue
+        option, equals, value = arg.partition("=")
+        if not equals:
+            if index + 1 >= len(argv):
+                continue
+            value = argv[index + 1]
+        if not value.lstrip().startswith("#") or _get_dotted(config, option[2:]) is not None:
+            continue
+        section, _, key = option[2:].rpartition(".")
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        instead = f'set it in a config file, quoted ({key or option[2:]}: "{shown}")'
+        if section:
+            instead += f', or give its section as JSON: --{section} \'{{"{key}": "{shown}"}}\''
+        raise UsageError(
+            f"{option} {value!r} starts with #, which YAML (how command-line values are read) takes for a "
+            f"comment, so the setting would be empty; {instead}"
+        )
+
+
+def _get_dotted(config: Any, key: str) -> Any:
+    try:
+        getter = getattr(config, "get", None)
+        return getter(key) if callable(getter) else None
+    except (KeyError, AttributeError, TypeError):
+        return None
+
+
+def check_val_check_interval(trainer: Any, datamodule: Any) -> None:
+    """An integer ``val_check_interval`` must fit in an epoch, which Lightning checks only once ``fit`` runs.
+
+    ``datamodule`` is an :class:`~lightning_paged.InstructionDataModule`; it is tokenized here (what
+    its ``setup`` does anyway, once) to count the batches each process trains in an epoch, after
+    ``limit_train_batches``, as Lightning counts them (``loops/fit_loop.py``, ``setup_data``).
+    """
+    interval = getattr(trainer, "val_check_interval", None)
+    if not isinstance(interval, int) or isinstance(interval, bool):
+        return
+    if trainer.check_val_every_n_epoch is None or not trainer.limit_val_batches:
+        return  # validation counts batches across epochs, or is off
+    import math
+
+    datamodule.setup("fit")
+    samples = len(datamodule.train_dataloader().dataset)
+    world = max(int(trainer.world_size), 1)
+    batches = math.ceil(math.ceil(samples / world) / datamodule.batch_size)
+    limit = trainer.limit_train_batches
+    limited = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if interval <= limited:
+        return
+    kind = "rows" if getattr(datamodule, "packing", False) else "samples"
+    where = f"{samples} training {kind} in batches of {datamodule.batch_size}"
+    if world > 1:
+        where += f" on each of {world} processes"
+    if limited != batches:
+        where += f", limit_train_batches {limit}"
+    raise SettingError(
+        "trainer.val_check_interval",
+        interval,
+        f"is more than the {limited} training batches of an epoch ({where}): validation would never run. "
+        f"Set it to at most {limited}, or to a fraction of the epoch (0.5), or set "
+        "trainer.check_val_every_n_epoch to null to count batches across epochs",
+    )

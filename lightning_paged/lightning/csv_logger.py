@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +28,18 @@ class ResumableCSVLogger(CSVLogger):
 
     - Every logged row is written at once (``flush_logs_every_n_steps=1``) and the file is flushed
       again at every checkpoint: a crash loses no logged row, at most the last line it was writing.
+    - Under a QLoRA strategy a training step's row is written right after its optimizer step
+      (:meth:`write_ahead`), before the step's ``on_train_batch_end`` callbacks write its
+      checkpoint: a kill while that checkpoint is written keeps the row. Lightning's own logging of
+      the row a moment later then adds only what the callbacks logged since.
     - An existing ``metrics.csv`` is kept. When a fit starts, the rows it will log again are
       dropped: those from its first step on (all of them for a fit from scratch; after a resume,
       the steps the interrupted run logged after its checkpoint), and an unfinished last line.
       The file then holds every logged step once, from step 0, after any number of resumes.
     - Rewrites (a new column, a resume) are atomic: a kill leaves the old file or the new one.
 
-    The QLoRA strategies tell it where a fit starts (:meth:`resume_from_step`); with another
-    strategy it keeps and appends. Arguments are ``CSVLogger``'s.
+    The QLoRA strategies tell it where a fit starts (:meth:`resume_from_step`) and hand it each
+    step's row early; with another strategy it keeps and appends. Arguments are ``CSVLogger``'s.
     """
 
     def __init__(
@@ -52,6 +57,8 @@ class ResumableCSVLogger(CSVLogger):
             prefix=prefix,
             flush_logs_every_n_steps=flush_logs_every_n_steps,
         )
+        self._ahead: tuple[int, dict[str, Any]] | None = None
+        """The step and values of the row last written ahead, which Lightning will log again."""
 
     @property
     @override
@@ -67,6 +74,26 @@ class ResumableCSVLogger(CSVLogger):
         """A fit continues at logger step ``step``: drop the rows from ``step`` on (it logs them again)."""
         self.save()
         self.experiment.drop_from(step)
+
+    @rank_zero_only
+    def write_ahead(self, metrics: dict[str, Any], step: int) -> None:
+        """Write a training step's row now and to disk; a later :meth:`log_metrics` of the same values skips them."""
+        super().log_metrics(metrics, step)
+        self.save()
+        self._ahead = (step, dict(metrics))
+
+    @override
+    @rank_zero_only
+    def log_metrics(self, metrics: dict[str, Any], step: int | None = None) -> None:
+        if self._ahead is not None:
+            ahead_step, written = self._ahead
+            if step == ahead_step:
+                metrics = {k: v for k, v in metrics.items() if k not in written or not _same(written[k], v)}
+                if not metrics:
+                    return
+            else:
+                self._ahead = None
+        super().log_metrics(metrics, step)
 
     @override
     def after_save_checkpoint(self, checkpoint_callback: Any) -> None:
@@ -126,3 +153,8 @@ def _step(row: dict[str, str]) -> int | None:
         return int(float(row.get("step") or ""))
     except ValueError:
         return None
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal values, NaN equal to NaN (a step's NaN loss is the same value when logged again)."""
+    return a == b or (isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b))

@@ -375,6 +375,13 @@ class LengthGroupedBatchSampler(BatchSampler):
 
 
 def _check_fields(setting: str, template: str, allowed: set[str]) -> None:
+    if not isinstance(template, str):
+        raise SettingError(
+            setting,
+            template,
+            "must be a string; in YAML (config files and command-line values) an unquoted # starts a comment, "
+            f'so a template that starts with ### arrives empty: quote it in the config ({setting}: "### ...")',
+        )
     try:
         fields = {name for _, name, _, _ in string.Formatter().parse(template) if name is not None}
     except ValueError as err:

@@ -63,10 +63,10 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         """
         Args:
             model_name_or_path: A local directory holding a transformers causal LM (``config.json`` and
-                safetensors weights, 16-bit or bitsandbytes 4-bit); nothing is downloaded. The model is
-                built empty here; a QLoRA strategy reads the weights at setup, quantizing each as it
-                is read on the training device (every rank from the files). With any other strategy
-                they are loaded in bfloat16 in ``configure_model``.
+                safetensors or PyTorch ``.bin`` weights, 16-bit or bitsandbytes 4-bit); nothing is
+                downloaded. The model is built empty here; a QLoRA strategy reads the weights at setup,
+                quantizing each as it is read on the training device (every rank from the files). With
+                any other strategy they are loaded in bfloat16 in ``configure_model``.
             model_config: A transformers config as a dict, with ``model_type`` (e.g. ``{"model_type":
                 "llama", "hidden_size": 64, ...}``), for a randomly initialised model. ``vocab_size``
                 defaults to the tokenizer's size. Give this or ``model_name_or_path``, not both.
@@ -89,6 +89,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         self._step_targets: torch.Tensor | None = None
         """Response tokens of the optimizer step so far (with gradient accumulation or several ranks)."""
         self._packing_checked = False
+        self._warned_unless_qlora = False
         if (model_name_or_path is None) == (model_config is None):
             raise SettingError(
                 "model_name_or_path",
@@ -164,15 +165,30 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
-        from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
-
         strategy = self._trainer.strategy if self._trainer is not None else None
-        if stage == "fit" and strategy is not None and not isinstance(strategy, QLoRAStrategyMixin):
-            rank_zero_warn(
-                f"CausalLMModule is training under {type(strategy).__name__}, not a QLoRA strategy: nothing is "
-                "quantized and every weight trains at full size. For NF4 QLoRA set trainer.strategy to "
-                "paged_qlora (one device) or paged_qlora_ddp (several)."
-            )
+        if stage == "fit" and strategy is not None:
+            self.warn_unless_qlora(strategy)
+
+    def warn_unless_qlora(self, strategy: object) -> None:
+        """Warn, once per module, that a strategy that is not a QLoRA one trains every weight at full size.
+
+        ``setup`` calls it. The ``lightning-paged`` command calls it before ``fit`` starts any process:
+        under ``ddp_spawn`` the module's hooks run only in the spawned processes, whose output a
+        notebook does not show; the flag travels with the module, so they do not warn again.
+        """
+        if self._warned_unless_qlora or isinstance(strategy, QLoRAStrategyMixin):
+            return
+        self._warned_unless_qlora = True
+        name = type(strategy).__name__
+        start_method = getattr(strategy, "_start_method", None)
+        if start_method not in (None, "popen"):
+            name += f" (start_method={start_method!r}: trainer.strategy ddp_{start_method})"
+        rank_zero_warn(
+            f"CausalLMModule is training under {name}, not a QLoRA strategy: nothing is quantized, no LoRA "
+            "adapter is added (the QLoRA settings of a paged_qlora strategy do not apply) and every weight "
+            "trains at full size. For NF4 QLoRA set trainer.strategy to paged_qlora (one device) or "
+            "paged_qlora_ddp (several processes; it starts them with popen, not spawn)."
+        )
 
     @override
     def forward(

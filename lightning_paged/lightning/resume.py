@@ -20,6 +20,21 @@ without a ``generator`` draws its base seed from the global one (torch ``dataloa
 ``_BaseDataLoaderIter.__init__``), and a validation that ran after the save in the interrupted run
 is skipped by the resumed one. Without this, dropout masks after a resume from a step that also
 validated differ from the uninterrupted run's.
+
+Two more things make the resumed run's bookkeeping that of an uninterrupted run:
+
+- **Loop counters.** Lightning resumes exactly only from the counters it saves at
+  ``on_train_batch_end``. A checkpoint written later in the same step (``on_validation_end``, the end
+  of an epoch, ``on_train_end`` after ``max_steps`` stopped a fit mid-epoch, a ``save_checkpoint``
+  after ``fit``) holds counters from which lightning 2.6 numbers the resumed steps one too high, and
+  after an epoch end or a stop mid-epoch starts a new epoch with the data of the one after it
+  (``loops/training_epoch_loop.py``: ``reset`` and the ``restarted_on_last`` branch of ``advance``;
+  ``loops/fit_loop.py``: ``on_advance_start``). Every checkpoint saved by a QLoRA strategy holds the
+  counters of ``on_train_batch_end`` of its last trained batch instead (:func:`settle_loops`).
+- **The step's metrics row.** Lightning hands a step's metrics to the loggers after its
+  ``on_train_batch_end`` callbacks, where the checkpoint of the step is written. Loggers with a
+  ``write_ahead`` method (:class:`~lightning_paged.lightning.csv_logger.ResumableCSVLogger`) get the
+  row right after the optimizer step instead, so a kill while the checkpoint is written keeps it.
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import warnings
 from typing import Any
 
 import torch.distributed as dist
+from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
@@ -58,22 +74,25 @@ class ResumeTracker:
         self.rng: dict[str, Any] | None = None
         self.training_rng: dict[str, Any] | None = None
         """The generator states at the end of the last training step: where the next one starts."""
+        self.steps_before_batch: int | None = None
+        """Lightning's logger step (``_batches_that_stepped``) when the last training batch started."""
         self.resumed = False
         self._started = False
 
-    def state(self) -> dict[str, Any] | None:
-        """What a checkpoint saved now must hold to resume exactly (every rank must call this)."""
+    def state(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """What a checkpoint saved now must hold to resume exactly (every rank must call this).
+
+        The fit loop's counters in ``checkpoint["loops"]`` are first settled (:func:`settle_loops`);
+        the data position is read from them.
+        """
         trainer = self.trainer
         if trainer is None or trainer.state.fn != TrainerFn.FITTING:
             return None
-        epochs = trainer.fit_loop.epoch_progress.current
-        batches_done = trainer.fit_loop.epoch_loop.batch_progress
-        if epochs.completed >= epochs.ready:  # between epochs (fit stopped at max_steps counts it done)
-            epoch, batches = epochs.completed, 0
-        elif batches_done.is_last_batch or batches_done.current.ready >= trainer.num_training_batches:
-            epoch, batches = epochs.completed + 1, 0
-        else:
-            epoch, batches = epochs.completed, batches_done.current.ready
+        loops = (checkpoint or {}).get("loops") or {}
+        fit_loop = loops.get("fit_loop") or trainer.fit_loop.state_dict()
+        if self.steps_before_batch is not None:
+            settle_loops(fit_loop, self.steps_before_batch)
+        epoch, batches = data_position(fit_loop, trainer.num_training_batches)
         rng = self.training_rng if self.training_rng is not None else capture_rng_state()
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             every_rank: list[Any] = [None] * dist.get_world_size()
@@ -121,6 +140,36 @@ class ResumeTracker:
         if trainer is not None and trainer.state.fn == TrainerFn.FITTING:
             self.training_rng = capture_rng_state()
 
+    def after_optimizer_step(self) -> None:
+        """Hand the step's metrics row to the loggers that write it ahead, before its callbacks run.
+
+        The row is the one Lightning logs after the step's ``on_train_batch_end`` callbacks (same
+        metrics, ``epoch`` and step, and only when Lightning will log it); those loggers then skip
+        what they already wrote. Metrics are read on rank zero only: reading a step's values runs
+        no collective.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
+            return
+        loggers = [logger for logger in trainer.loggers if callable(getattr(logger, "write_ahead", None))]
+        module = trainer.lightning_module
+        if not loggers or module is None or not module.automatic_optimization:
+            return
+        connector = trainer._logger_connector
+        if not isinstance(connector._first_loop_iter, bool):
+            return
+        if not (connector.should_update_logs or trainer.fast_dev_run):
+            return
+        row = convert_tensors_to_scalars(connector.metrics["log"])
+        if not row:
+            return
+        step = row.pop("step", None)
+        if step is None:
+            row.setdefault("epoch", trainer.current_epoch)
+            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        for logger in loggers:
+            logger.write_ahead(row, int(step))
+
     def before_batch(self) -> None:
         """Put the generator states back: each step draws what it would have drawn in an uninterrupted run.
 
@@ -130,6 +179,8 @@ class ResumeTracker:
         if not self._started:
             self._started = True
             self._start_fit()
+        if self.trainer is not None:
+            self.steps_before_batch = self.trainer.fit_loop.epoch_loop._batches_that_stepped
         self.position = None
         if self.rng is not None:
             restore_rng_state(self.rng)
@@ -196,3 +247,41 @@ class ResumeTracker:
             self._quiet = warnings.catch_warnings()
             self._quiet.__enter__()
             warnings.filterwarnings("ignore", message=_LIGHTNING_MID_EPOCH_WARNING)
+
+
+def settle_loops(fit_loop: dict[str, Any], steps_before_batch: int) -> None:
+    """Put a checkpoint's fit-loop counters in the form Lightning saves at ``on_train_batch_end``.
+
+    Saved later in the step (validation end, epoch end, ``on_train_end``) the last trained batch is
+    already counted as completed, and after the epoch loop ended the epoch too, and the logger step
+    has moved on. Those counts are taken back: Lightning's restore then counts them again itself, as
+    it does for a checkpoint of ``on_train_batch_end``, and continues the same epoch at the next
+    batch (or, after the epoch's last batch, with the next epoch). ``steps_before_batch`` is the
+    logger step when the last trained batch started. Counters in any other form (nothing trained yet
+    in the epoch, already that form) are left as they are. Validation progress is left too: it only
+    tells Lightning whether to finish an interrupted validation.
+    """
+    batches = fit_loop.get("epoch_loop.batch_progress")
+    epochs = fit_loop.get("epoch_progress")
+    counters = fit_loop.get("epoch_loop.state_dict")
+    if not (isinstance(batches, dict) and isinstance(epochs, dict) and isinstance(counters, dict)):
+        return
+    batch_counts = [batches["current"], batches["total"]]
+    if batches["current"]["processed"] < 1 or any(len(set(c.values())) != 1 for c in batch_counts):
+        return  # nothing trained in this epoch yet, or on_train_batch_end's form already
+    for counts in batch_counts:
+        counts["completed"] -= 1
+    for counts in (epochs["current"], epochs["total"]):
+        counts["processed"] = counts["completed"] = min(counts["completed"], counts["started"] - 1)
+    counters["_batches_that_stepped"] = steps_before_batch
+
+
+def data_position(fit_loop: dict[str, Any], batches_per_epoch: float) -> tuple[int, int]:
+    """``(epoch, batch)`` of the next batch to train, from (settled) fit-loop counters."""
+    epochs = fit_loop["epoch_progress"]["current"]
+    batches = fit_loop["epoch_loop.batch_progress"]
+    if epochs["completed"] >= epochs["ready"]:  # between epochs
+        return epochs["completed"], 0
+    if batches["is_last_batch"] or batches["current"]["ready"] >= batches_per_epoch:
+        return epochs["completed"] + 1, 0
+    return epochs["completed"], batches["current"]["ready"]

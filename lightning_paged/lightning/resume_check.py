@@ -72,10 +72,10 @@ def check_resume(
     if ckpt_path is None or str(ckpt_path) in ("best", "hpc") or "://" in str(ckpt_path):
         return None if ckpt_path is None else str(ckpt_path)
     if str(ckpt_path) == "last":
-        path = newest_checkpoint(checkpoint_dirs(trainer))
+        path = newest_checkpoint(checkpoint_dirs(trainer, all_versions=True))
         if path is None:
             rank_zero_info(
-                f"--ckpt_path last: no checkpoint in {', '.join(map(str, checkpoint_dirs(trainer)))} yet; "
+                f"--ckpt_path last: no checkpoint in {', '.join(map(str, checkpoint_dirs(trainer, True)))} yet; "
                 "starting at step 0."
             )
             return None
@@ -93,12 +93,30 @@ def check_resume(
     return str(path)
 
 
-def checkpoint_dirs(trainer: Any) -> list[Path]:
+def last_checkpoint(trainer: Any) -> str | None:
+    """The checkpoint ``--ckpt_path last`` of ``lightning-paged`` resumes from, for a LightningCLI of your own.
+
+    The readable checkpoint with the highest global step (``last.ckpt`` on a tie) in the Trainer's
+    checkpoint directories (:func:`checkpoint_dirs`), the earlier versions of a logger that numbers
+    them (``version_0``, ``version_1``, ...) included; None when there is none yet. Lightning's own
+    ``ckpt_path="last"`` looks only for ``last*.ckpt`` in the directories of this run, and with such
+    a logger every run is a new version whose directory is empty. In a LightningCLI subclass::
+
+        def before_fit(self):
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                self.config_init[self.subcommand]["ckpt_path"] = last_checkpoint(self.trainer)
+    """
+    path = newest_checkpoint(checkpoint_dirs(trainer, all_versions=True))
+    return None if path is None else str(path)
+
+
+def checkpoint_dirs(trainer: Any, all_versions: bool = False) -> list[Path]:
     """Where the Trainer's ``ModelCheckpoint`` callbacks write, resolved as Lightning resolves them at setup.
 
     The rule of ``ModelCheckpoint.__resolve_ckpt_dir`` (lightning 2.6, ``callbacks/model_checkpoint.py``):
     its ``dirpath``; else ``<save_dir>/<name>/<version>/checkpoints`` of the first logger; else
-    ``<default_root_dir>/checkpoints``.
+    ``<default_root_dir>/checkpoints``. With ``all_versions``, a logger whose versions are numbers
+    (``version_N``, one new directory per run) adds the checkpoint directories of its earlier versions.
     """
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -106,17 +124,19 @@ def checkpoint_dirs(trainer: Any) -> list[Path]:
     for callback in trainer.checkpoint_callbacks:
         if not isinstance(callback, ModelCheckpoint):
             continue
+        found = []
         if callback.dirpath is not None:
-            directory = Path(callback.dirpath)
+            found.append(Path(callback.dirpath))
         elif trainer.loggers:
             logger = trainer.loggers[0]
             version = logger.version if isinstance(logger.version, str) else f"version_{logger.version}"
             save_dir = logger.save_dir if logger.save_dir is not None else trainer.default_root_dir
-            directory = Path(save_dir, str(logger.name), version, "checkpoints")
+            if all_versions and not isinstance(logger.version, str):
+                found += sorted(Path(save_dir, str(logger.name)).glob("version_*/checkpoints"))
+            found.append(Path(save_dir, str(logger.name), version, "checkpoints"))
         else:
-            directory = Path(trainer.default_root_dir, "checkpoints")
-        if directory not in dirs:
-            dirs.append(directory)
+            found.append(Path(trainer.default_root_dir, "checkpoints"))
+        dirs += [directory for directory in found if directory not in dirs]
     return dirs
 
 

@@ -1,6 +1,8 @@
 """A LightningCLI run on disk: its checkpoint, its saved ``config.yaml``, its module and QLoRA settings.
 
-What ``lightning-paged export`` needs to know about a run trained by ``lightning-paged fit``.
+What ``lightning-paged export`` needs to know about a run trained by ``lightning-paged fit``. A run
+directory's checkpoint is the newest complete one by step, as ``--ckpt_path last`` takes it: the
+readable ``*.ckpt`` with the highest global step (``last.ckpt`` on a tie), not the file written last.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import ExportError
 from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.lightning.resume_check import newest_checkpoint
 from lightning_paged.lightning.strategies.base import qlora_config_from
 
 CONFIG_NAME = "config.yaml"
@@ -23,12 +26,17 @@ def locate_run(path: Path, config: Path | None) -> tuple[Path, Path]:
     if not path.exists():
         raise ExportError(f"RUN_OR_CHECKPOINT {path} does not exist")
     if path.is_dir():
-        checkpoints = [p for p in path.rglob("*.ckpt") if p.is_file()]
-        if not checkpoints:
+        directories = sorted({p.parent for p in path.rglob("*.ckpt") if p.is_file()})
+        if not directories:
             raise ExportError(f"run directory {path} holds no checkpoint (*.ckpt)")
-        last = [p for p in checkpoints if p.name == "last.ckpt"]
-        checkpoint = max(last or checkpoints, key=lambda p: p.stat().st_mtime)
-        roots = [path]
+        newest = newest_checkpoint(directories)
+        if newest is None:
+            raise ExportError(
+                f"run directory {path} holds no readable checkpoint (*.ckpt); see the warnings above"
+            )
+        checkpoint = newest
+        # the config nearest the checkpoint: its own version's under a logger that numbers them
+        roots = [checkpoint.parents[i] for i in range(len(checkpoint.relative_to(path).parts))]
     else:
         checkpoint = path
         roots = [path.parent, path.parent.parent, path.parent.parent.parent]

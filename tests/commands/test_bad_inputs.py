@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import quiet_trainer, tiny_llama_config
+from safetensors.torch import load_file
 
 from lightning_paged.commands.errors import TRACEBACK_ENV
 from lightning_paged.commands.main import main
@@ -80,6 +81,8 @@ class Row:
     skip: str = ""
     """A reason to skip this row on this machine."""
     marks: list = field(default_factory=list)
+    fresh: bool = False
+    """Run into a fresh run directory, which must not exist afterwards (nothing written)."""
 
 
 ROOT_USER = "root may write anywhere" if hasattr(os, "geteuid") and os.geteuid() == 0 else ""
@@ -122,6 +125,11 @@ ROWS = [
     Row("model_dir_without_weights", [*FROM_DIR, "{bad}/no-weights"], ["model", "no-weights"]),
     Row("model_dir_truncated_weights", [*FROM_DIR, "{bad}/truncated-weights"], ["model"]),
     Row("model_dir_truncated_config", [*FROM_DIR, "{bad}/truncated-config"], ["model", "config.json"]),
+    Row(
+        "model_dir_legacy_bin",  # zip-format .bin files are streamed; the pre-1.6 format cannot be mapped
+        [*FROM_DIR, "{bad}/legacy-bin"],
+        ["model.init_args.model_name_or_path", "legacy format", "Convert the model once"],
+    ),
     Row(
         "model_dir_and_config",
         [f"{MODEL}model_name_or_path", "{model}"],
@@ -274,6 +282,41 @@ ROWS = [
     Row("precision_conflict", ["--trainer.precision", "16-true"], ["trainer.precision", "compute_dtype"]),
     Row("data_not_json", [f"{DATA}data_path", "{bad}/not-json.jsonl"], ["data.init_args.data_path", "JSON"]),
     Row("data_empty", [f"{DATA}data_path", "{bad}/empty.jsonl"], ["data.init_args.data_path", "empty"]),
+    # values YAML reads as a comment: named, with how to give them
+    Row(
+        "prompt_template_starting_with_hash",
+        [f"{DATA}prompt_template", "### Question: {{instruction}}{{input}} ### Answer:"],
+        [
+            "--data.init_args.prompt_template",
+            "starts with #",
+            "comment",
+            '--data.init_args \'{"prompt_template"',
+        ],
+        fresh=True,
+    ),
+    Row(
+        "prompt_template_starting_with_hash_in_a_config",
+        ["--config", "{bad}/hash-template.yaml"],
+        ["data.init_args.prompt_template", "comment", 'quote it in the config (prompt_template: "### ...")'],
+        fresh=True,
+    ),
+    Row(
+        "sample_prompt_starting_with_hash",  # optional: it would have switched the sample off silently
+        [f"{MODEL}sample_prompt", "#hashtags"],
+        ["--model.init_args.sample_prompt", "starts with #"],
+    ),
+    # Lightning's own refusal, after the model loaded and logs were written: now before either
+    Row(
+        "val_check_interval_past_the_epoch",
+        ["--trainer.val_check_interval", "5", "--trainer.limit_val_batches", "1"],
+        ["trainer.val_check_interval", "4 training batches", "16 training samples in batches of 4", "null"],
+        fresh=True,
+    ),
+    Row(
+        "predict_is_left_out",
+        ["predict", "--config", "{config}"],
+        ["predict is not", "lightning-paged export"],
+    ),
     # resume refusals: one line, before anything is written
     Row(
         "resume_other_settings",
@@ -341,6 +384,10 @@ def broken_inputs(base: Path, model: Path, data: Path) -> Path:
     weights = bad / "truncated-weights" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     shutil.copytree(model, bad / "truncated-config")
+    (bad / "legacy-bin").mkdir()
+    shutil.copy(model / "config.json", bad / "legacy-bin" / "config.json")
+    legacy = bad / "legacy-bin" / "pytorch_model.bin"
+    torch.save(load_file(model / "model.safetensors"), legacy, _use_new_zipfile_serialization=False)
     config = bad / "truncated-config" / "config.json"
     config.write_text(config.read_text()[:40])
     (bad / "tokenizer").mkdir()
@@ -354,6 +401,9 @@ def broken_inputs(base: Path, model: Path, data: Path) -> Path:
     )
     (bad / "unknown-key.yaml").write_text("trainer:\n  max_stepz: 3\n")
     (bad / "syntax.yaml").write_text("trainer:\n  max_steps: [3\n")
+    (bad / "hash-template.yaml").write_text(
+        "data:\n  init_args:\n    prompt_template: ### Q {instruction}{input}\n"
+    )
     (bad / "read-only").mkdir()
     (bad / "read-only").chmod(0o555)
     return bad
@@ -371,9 +421,14 @@ def digest(directory: Path) -> dict[str, str]:
 def argv_of(row: Row, inputs: dict[str, Path]) -> list[str]:
     values = {k: str(v) for k, v in inputs.items()}
     args = [a.format(**values) for a in row.args]
-    if args[0] in ("export", "report"):
+    if args[0] in ("export", "report", "predict"):
         return args
-    return ["fit", "--config", values["config"], "--vars.run_dir", values["run"], *args]
+    run = fresh_run_dir(row, inputs) if row.fresh else values["run"]
+    return ["fit", "--config", values["config"], "--vars.run_dir", str(run), *args]
+
+
+def fresh_run_dir(row: Row, inputs: dict[str, Path]) -> Path:
+    return inputs["base"] / f"fresh-{row.id}"
 
 
 def error_line(stderr: str) -> str:
@@ -409,6 +464,7 @@ def test_bad_input_is_one_line_and_changes_nothing(row, inputs, capsys, monkeypa
     captured = capsys.readouterr()
     check_answer(row, code, captured.out, captured.err)
     assert digest(inputs["run"]) == before
+    assert not fresh_run_dir(row, inputs).exists()  # a fresh run directory gets nothing at all
 
 
 @pytest.mark.parametrize("row", params([r for r in ROWS if r.id in SUBPROCESS_ROWS]))

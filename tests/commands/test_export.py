@@ -19,7 +19,8 @@ from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM
 
 from lightning_paged.commands.export import main
-from lightning_paged.core.export import adapter_from_model, compare_logits
+from lightning_paged.core.compare import compare_logits
+from lightning_paged.core.export import adapter_from_model
 from lightning_paged.lightning.strategies import PagedQLoRAStrategy
 
 VOCAB = 64
@@ -285,3 +286,179 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_written(
     assert main([str(run_dir), "--out", str(out), "--overwrite"]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
     assert leftovers(tmp_path) == []
+
+
+# --- a run trained on a pre-quantized (-bnb-4bit) base, through the real commands -----------------------
+
+PREQUANTIZED_RUN = """\
+seed_everything: 0
+trainer:
+  accelerator: cpu
+  strategy:
+    class_path: lightning_paged.PagedQLoRAStrategy
+    init_args: {{compute_dtype: float32, lora_r: 4, lora_alpha: 8, gradient_checkpointing: false}}
+  max_steps: 2
+  limit_val_batches: 0
+  enable_progress_bar: false
+  enable_model_summary: false
+  default_root_dir: {run}
+  logger: {{class_path: lightning_paged.ResumableCSVLogger, init_args: {{save_dir: {run}, name: logs, version: v}}}}
+  callbacks:
+    - {{class_path: lightning.pytorch.callbacks.ModelCheckpoint, init_args: {{dirpath: {run}/checkpoints, save_last: true}}}}
+model:
+  class_path: lightning_paged.CausalLMModule
+  init_args:
+    model_name_or_path: {model}
+    optimizer: {{name: adamw, lr: 5.0e-2, warmup_steps: 0}}
+data:
+  class_path: lightning_paged.InstructionDataModule
+  init_args: {{data_path: {data}, max_length: 48, batch_size: 2, val_split: 0}}
+"""
+
+
+def save_16bit(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    LlamaForCausalLM(LlamaConfig(**{**model_config(), "vocab_size": 259})).to(torch.bfloat16).save_pretrained(
+        path
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def prequantized_run(tmp_path_factory) -> dict[str, Path]:
+    """``lightning-paged fit`` on a base saved in bitsandbytes 4-bit, and the 16-bit model it was quantized from."""
+    import sys
+
+    from lightning_paged.commands.main import main as command
+
+    root = tmp_path_factory.mktemp("prequantized")
+    base16 = save_16bit(root / "base16", seed=0)
+    quantization = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    quantized = AutoModelForCausalLM.from_pretrained(
+        base16, quantization_config=quantization, device_map="cpu"
+    )
+    quantized.save_pretrained(root / "base-bnb-4bit")
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in "abcdef"))
+    config = root / "config.yaml"
+    config.write_text(PREQUANTIZED_RUN.format(run=root / "run", model=root / "base-bnb-4bit", data=data))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", ["lightning-paged"])
+        assert command(["fit", "--config", str(config)]) == 0
+    return {"run": root / "run", "base16": base16, "base4": root / "base-bnb-4bit", "root": root}
+
+
+def test_merge_of_a_run_on_a_prequantized_base_is_onto_its_dequantized_weights(
+    prequantized_run, tmp_path, capsys
+):
+    out = tmp_path / "merged"
+    assert main([str(prequantized_run["run"]), "--out", str(out), "--merge"]) == 0
+    printed = capsys.readouterr().out
+    assert (
+        f"of the weights of {prequantized_run['base4']}, dequantized from its bitsandbytes 4-bit (nf4)"
+        in printed
+    )
+    assert "keep the 4-bit quantization error" in printed
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)  # a plain 16-bit model
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in merged.modules())
+    # The dequantized weights are those the 4-bit model computed with: the merged model is the trained one,
+    # up to rounding its merged weights to bfloat16 (a 16-bit merge differs by the quantization error).
+    reported = float(re.search(r"largest logit difference ([0-9.e-]+)", printed).group(1))
+    assert reported < 0.02
+
+
+def test_a_16bit_base_that_quantizes_to_the_4bit_bytes_is_accepted_and_merged_onto(
+    prequantized_run, tmp_path, capsys
+):
+    from peft import PeftModel
+
+    run, base16 = prequantized_run["run"], prequantized_run["base16"]
+    adapter, merged_dir = tmp_path / "adapter", tmp_path / "merged"
+    assert main([str(run), "--out", str(adapter), "--base", str(base16)]) == 0
+    assert main([str(run), "--out", str(merged_dir), "--merge", "--base", str(base16)]) == 0
+    printed = capsys.readouterr().out
+    assert f"--base {base16} quantizes to the 4-bit bytes of {prequantized_run['base4']}" in printed
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base16)
+    assert "of the 16-bit weights of" in printed
+    merged = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32)
+    on_16bit = PeftModel.from_pretrained(
+        LlamaForCausalLM.from_pretrained(base16, dtype=torch.float32), str(adapter)
+    )
+    torch.testing.assert_close(logits(merged), logits(on_16bit), rtol=0, atol=2e-2)  # bf16 merged weights
+
+
+def test_a_16bit_base_that_quantizes_to_other_bytes_is_refused(prequantized_run, tmp_path, capsys):
+    other = save_16bit(tmp_path / "other16", seed=1)
+    out = tmp_path / "merged"
+    assert main([str(prequantized_run["run"]), "--out", str(out), "--merge", "--base", str(other)]) == 2
+    message = capsys.readouterr().err
+    assert f"--base {other} is not the model {prequantized_run['base4']} was quantized from" in message
+    assert "gives other 4-bit bytes" in message and "dequantized 4-bit weights" in message
+    assert not out.exists() and leftovers(tmp_path) == []
+
+
+def test_every_exported_file_follows_the_umask(run, tmp_path, capsys):
+    """A shared serving machine reads the export as it reads any other file (the weights were 0600)."""
+    import os
+
+    run_dir, _ = run
+    previous = os.umask(0o027)
+    try:
+        assert main([str(run_dir), "--out", str(tmp_path / "adapter")]) == 0
+        assert main([str(run_dir), "--out", str(tmp_path / "merged"), "--merge", "--no-compare"]) == 0
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "adapter").iterdir()] + [p for p in (tmp_path / "merged").iterdir()]
+    assert {p.name for p in files} >= {"adapter_model.safetensors", "adapter_config.json", "config.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o640" for p in files}
+    for directory in (tmp_path / "adapter", tmp_path / "merged"):
+        assert directory.stat().st_mode & 0o777 == 0o750
+
+
+def test_a_base_of_bin_files_merges_as_its_safetensors_do(run, base_dir, tmp_path):
+    """A base with only PyTorch .bin shards (zip format) is read mapped, tensor by tensor."""
+    from safetensors.torch import load_file
+
+    from lightning_paged.core.export import merge_adapter
+
+    _, trained = run
+    bin_dir = tmp_path / "bin-base"
+    bin_dir.mkdir()
+    shutil.copy(base_dir / "config.json", bin_dir / "config.json")
+    for i, shard in enumerate(sorted(base_dir.glob("*.safetensors"))):
+        torch.save(load_file(shard), bin_dir / f"pytorch_model-{i:05d}.bin")
+    adapter = adapter_from_model(trained.model)
+    merge_adapter(adapter, base_dir, tmp_path / "from-safetensors", max_shard_size=10**9, progress=False)
+    report = merge_adapter(adapter, bin_dir, tmp_path / "from-bin", max_shard_size=10**9, progress=False)
+    assert report.merged == len(adapter.pairs()) > 0
+    want = load_file(tmp_path / "from-safetensors" / "model.safetensors")
+    got = load_file(tmp_path / "from-bin" / "model.safetensors")
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_a_run_directory_exports_its_newest_readable_checkpoint_by_step(run, tmp_path, capsys):
+    """Not the file written last: a copy of an earlier step and a truncated file are both newer."""
+    import os
+    import time
+
+    run_dir, _ = run
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    checkpoints = copy / "checkpoints"
+    earlier = torch.load(checkpoints / "last.ckpt", weights_only=False)
+    earlier["global_step"] = 1
+    torch.save(earlier, checkpoints / "epoch=0-step=1-copied-later.ckpt")
+    (checkpoints / "epoch=0-step=9.ckpt").write_bytes((checkpoints / "last.ckpt").read_bytes()[:1000])
+    later = time.time() + 60
+    for name in ("epoch=0-step=1-copied-later.ckpt", "epoch=0-step=9.ckpt"):
+        os.utime(checkpoints / name, (later, later))
+    with pytest.warns(UserWarning, match=r"epoch=0-step=9.ckpt .* cannot be read"):
+        assert main([str(copy), "--out", str(tmp_path / "adapter")]) == 0
+    assert f"Wrote the PEFT adapter of {checkpoints / 'last.ckpt'}" in capsys.readouterr().out

@@ -123,6 +123,67 @@ def test_report_and_export_are_subcommands():
         assert "usage" in result.stdout.lower()
 
 
+def test_ddp_spawn_warns_in_the_launching_process(tmp_path, monkeypatch):
+    """Under ddp_spawn the module's hooks run in the spawned processes only. The command warns before
+    it launches them, so the warning reaches a notebook too, and the flag that stops the spawned
+    process from warning again travels with the module. Lightning's launcher is replaced by one that
+    records what it would send: no process is started."""
+    import warnings
+
+    from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+
+    launched = {}
+
+    def launch(self, function, *args, trainer=None, **kwargs):
+        launched["warned"] = [str(w.message) for w in caught if "not a QLoRA strategy" in str(w.message)]
+        launched["flag"] = trainer.strategy.lightning_module._warned_unless_qlora
+
+    monkeypatch.setattr(_MultiProcessingLauncher, "launch", launch)
+    monkeypatch.setattr(sys, "argv", ["lightning-paged"])
+    args = [*quick_run_args(tmp_path / "run", steps=1), "--trainer.strategy", "ddp_spawn"]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(args) == 0
+    assert len(launched["warned"]) == 1, launched
+    assert "start_method='spawn'" in launched["warned"][0] and "paged_qlora_ddp" in launched["warned"][0]
+    assert launched["flag"] is True
+
+
+def test_a_model_directory_of_bin_files_trains_through_the_command(tmp_path, caplog):
+    """A directory with only PyTorch .bin shards (zip format) streams into 4-bit like safetensors."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    from lightning_paged.testing import tiny_llama_config
+
+    torch.manual_seed(0)
+    saved = tmp_path / "safetensors"
+    LlamaForCausalLM(tiny_llama_config(vocab_size=259)).save_pretrained(saved, max_shard_size="100KB")
+    model = tmp_path / "bin-model"
+    model.mkdir()
+    (model / "config.json").write_text((saved / "config.json").read_text())
+    weight_map = {}
+    for i, shard in enumerate(sorted(saved.glob("*.safetensors")), start=1):
+        tensors = load_file(shard)
+        torch.save(tensors, model / f"pytorch_model-{i:05d}.bin")
+        weight_map.update(dict.fromkeys(tensors, f"pytorch_model-{i:05d}.bin"))
+    (model / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    args = [
+        *quick_run_args(tmp_path / "run", steps=1),
+        "--model.init_args.model_config",
+        "null",
+        "--model.init_args.model_name_or_path",
+        str(model),
+    ]
+    with caplog.at_level("INFO"):
+        assert main(args) == 0
+    assert (
+        f"weights streamed from {model} ({len(weight_map and set(weight_map.values()))} files" in caplog.text
+    )
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
 # --- resume: a kill during a checkpoint write, then resume with --ckpt_path last --------------------
 
 SLOW_CHECKPOINTS = ROOT / "tests" / "scripts" / "slow_checkpoint_cli.py"
@@ -232,8 +293,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
         assert partial is not None, killed.communicate()[0][-4000:]
         assert partial.exists()  # the kill left its temporary file behind
         assert torch.load(checkpoints / "last.ckpt", weights_only=True)["global_step"] == 2
-        # Lightning logs a step's metrics after its checkpoint callbacks: step 4's row (logger step 3) is lost.
-        assert sorted(train_losses(run)) == [0, 1, 2]
+        # Step 4's row (logger step 3) was written before its checkpoints, so the kill kept it.
+        assert sorted(train_losses(run)) == [0, 1, 2, 3]
 
         resumed = _slow_cli(*resume_run_args(run), "--ckpt_path", "last")
         processes.append(resumed)
@@ -256,12 +317,36 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
     resumed_weights = adapter_weights(checkpoints / "last.ckpt")
     assert expected.keys() == resumed_weights.keys()
     assert all(torch.equal(expected[k], resumed_weights[k]) for k in expected)  # bit for bit
-    losses = train_losses(reference)
-    del losses[3]
-    assert train_losses(run) == losses  # every other step once, the same values
+    assert train_losses(run) == train_losses(reference)  # every step once, the same values
     events = [json.loads(line) for line in (run / "logs" / "latest" / "eviction_events.jsonl").open()]
     assert [e["step"] for e in events] == list(range(6))  # the killed step's record was written before
     assert len({e["run"] for e in events}) == 1
+
+
+@pytest.mark.slow
+def test_a_kill_inside_a_checkpoint_save_keeps_the_step_row_and_the_resume_logs_each_step_once(tmp_path):
+    """SIGKILL inside the save of step 4's checkpoint (from a callback's on_save_checkpoint): the
+    row of step 4 (logger step 3) is already on disk; the resume from step 2 logs steps 2 and 3
+    again, replacing the rows, with the same values, and continues to step 6."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(ROOT / "tests" / "scripts")])
+    args = [sys.executable, "-m", "lightning_paged", *resume_run_args(run)]
+    kill = ["--trainer.callbacks+=kill_in_checkpoint.KillWhileSaving", "--trainer.callbacks.step", "4"]
+    killed = subprocess.run([*args, *kill], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.glob("*.ckpt")) == ["epoch=0-step=2.ckpt", "last.ckpt"]
+    before = train_losses(run)
+    assert sorted(before) == [0, 1, 2, 3]  # the killed step's row is there
+
+    resumed = subprocess.run(
+        [*args, "--ckpt_path", "last"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    after = train_losses(run)  # asserts each step once
+    assert sorted(after) == list(range(6))
+    assert {step: after[step] for step in before} == before  # an exact resume logs the same values
 
 
 # --- resume: what is checked before anything is written ----------------------------------------------

@@ -282,15 +282,48 @@ def test_keys_the_model_lacks_and_weights_the_files_lack_are_listed(saved, tmp_p
     )
 
 
-def test_a_bin_only_directory_says_how_to_convert(saved, tmp_path):
-    directory = tmp_path / "bin"
-    directory.mkdir()
-    shutil.copy(saved["tied"] / "config.json", directory)
-    torch.save(load_file(saved["tied"] / "model.safetensors"), directory / "pytorch_model.bin")
+def as_bin(source: Path, target: Path, legacy: bool = False) -> Path:
+    """``source``'s model with each safetensors shard saved as a PyTorch ``.bin`` shard (and its index)."""
+    target.mkdir()
+    shutil.copy(source / "config.json", target)
+    shards = sorted(source.glob("*.safetensors"))
+    weight_map = {}
+    for i, shard in enumerate(shards, start=1):
+        name = "pytorch_model.bin" if len(shards) == 1 else f"pytorch_model-{i:05d}-of-{len(shards):05d}.bin"
+        tensors = load_file(shard)
+        torch.save(tensors, target / name, _use_new_zipfile_serialization=not legacy)
+        weight_map.update(dict.fromkeys(tensors, name))
+    if len(shards) > 1:
+        (target / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["sharded", "tied"])
+def test_a_bin_only_directory_streams_to_the_model_of_its_safetensors(saved, tmp_path, kind):
+    """``.bin`` files (zip format) are mapped with torch.load(mmap=True, weights_only=True) and
+    streamed like safetensors: the same 4-bit model, bit for bit."""
+    directory = as_bin(saved[kind], tmp_path / "bin")
+    want = _streamed(saved[kind])[0].state_dict()
+    model, report = _streamed(directory)
+    got = model.state_dict()
+    assert want.keys() == got.keys()
+    for key in want:
+        assert want[key].dtype == got[key].dtype and torch.equal(want[key], got[key]), key
+    assert report.files == len(list(directory.glob("*.bin"))) == len(list(saved[kind].glob("*.safetensors")))
+
+
+def test_a_legacy_bin_file_says_how_to_convert(saved, tmp_path):
+    directory = as_bin(saved["tied"], tmp_path / "legacy", legacy=True)
     with pytest.raises(
-        WeightLoadError, match=r"PyTorch .bin weights only .*Convert them once: python -c .*save_pretrained"
+        WeightLoadError,
+        match=r"legacy format written before torch 1.6 .*Convert the model once: python -c .*save_pretrained",
     ):
         empty_model(directory)
+    truncated = as_bin(saved["tied"], tmp_path / "truncated")
+    weights = truncated / "pytorch_model.bin"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(WeightLoadError, match=r"pytorch_model.bin cannot be read as a PyTorch weight file"):
+        empty_model(truncated)
 
 
 def test_a_failure_halfway_leaves_the_model_empty(saved, tmp_path):

@@ -163,8 +163,13 @@ def test_checkpoint_carries_fingerprint_settings_and_resume_position(tmp_path):
         section["peft_config"]["r"] == 4
         and sorted(section["peft_config"]["target_modules"])[0] == "down_proj"
     )
-    # Lightning counts an epoch stopped by max_steps as done, and resumes with the next one.
-    assert (section["resume"]["epoch"], section["resume"]["batches"]) == (1, 0)
+    # Lightning counts an epoch stopped by max_steps as done and would resume with the next one; the
+    # checkpoint holds the counters of the last batch's end instead, and the epoch's third batch is next.
+    assert (section["resume"]["epoch"], section["resume"]["batches"]) == (0, 2)
+    fit_loop = checkpoint["loops"]["fit_loop"]
+    assert fit_loop["epoch_progress"]["current"]["completed"] == 0
+    assert fit_loop["epoch_loop.batch_progress"]["current"]["completed"] == 1
+    assert fit_loop["epoch_loop.state_dict"]["_batches_that_stepped"] == 1
     assert set(section["resume"]["rng"][0]) >= {"torch", "python", "numpy"}
 
 

@@ -121,6 +121,74 @@ def test_resume_with_dropout_is_exact_whatever_the_validation_cadence(
         assert torch.equal(trainable_weights(module)[name], value), name
 
 
+# --- whenever a checkpoint was written in its step, the resumed run numbers and trains as one run ------
+
+
+def _rows(log_dir) -> tuple[list[tuple[int, str, str]], list[int]]:
+    """(step, epoch, loss) of every train/loss row, and the steps of the val/loss rows."""
+    rows = _csv_rows(log_dir / "metrics.csv")
+    train = [(int(r["step"]), r["epoch"], r["train/loss"]) for r in rows if r.get("train/loss")]
+    return train, [int(r["step"]) for r in rows if r.get("val/loss")]
+
+
+_UNINTERRUPTED: dict[tuple, tuple] = {}
+"""Rows and adapter weights of the uninterrupted runs, by (steps, validation cadence)."""
+
+
+@pytest.mark.parametrize(
+    ("first", "last", "val_every", "saver"),
+    [
+        (7, 10, 3, {"every_n_train_steps": 100}),
+        (7, 10, 3, {"monitor": "val/loss", "save_top_k": -1}),
+        (8, 10, 1.0, {}),
+        (8, 10, 1.0, {"every_n_train_steps": 100}),
+    ],
+    ids=[
+        "on-train-end-mid-epoch-after-validation",
+        "on-validation-end",
+        "on-train-epoch-end",
+        "on-train-end-at-an-epoch-end",
+    ],
+)
+def test_a_resume_logs_every_step_once_numbered_and_trained_as_one_run(
+    tmp_path, data_file, first, last, val_every, saver
+):
+    """4 training batches an epoch; validation every 3 batches of an epoch runs at steps 3, 7 and 10.
+    ``last.ckpt`` is written at the moment of each case, not at ``on_train_batch_end``: Lightning
+    alone resumes those one logger step too far, and after an epoch end or a mid-epoch stop with the
+    data of the following epoch (the issue's case: stopped at ``max_steps`` after validation)."""
+    from lightning_paged.lightning.csv_logger import ResumableCSVLogger
+
+    def fit(directory, steps: int, callbacks: list, ckpt_path=None) -> CausalLMModule:
+        torch.manual_seed(0)  # a constant learning rate: the schedule must not depend on max_steps
+        module = CausalLMModule(model_config=dict(MODEL_CONFIG), optimizer={"name": "adamw", "lr": 1e-2})
+        logger = ResumableCSVLogger(directory, name="logs", version="v")
+        data = InstructionDataModule(str(data_file), max_length=80, batch_size=4, val_split=8)
+        trainer = make_trainer(steps, val_every, callbacks, logger=logger, log_every_n_steps=1)
+        trainer.fit(module, data, ckpt_path=ckpt_path)
+        return module
+
+    key = (last, val_every)  # the uninterrupted run is the same for cases that share these
+    if key not in _UNINTERRUPTED:
+        module = fit(tmp_path / "straight", last, [])
+        _UNINTERRUPTED[key] = (_rows(tmp_path / "straight" / "logs" / "v"), trainable_weights(module))
+    expected, weights = _UNINTERRUPTED[key]
+    run = tmp_path / "run"
+
+    def checkpoint() -> ModelCheckpoint:
+        return ModelCheckpoint(dirpath=run / "checkpoints", save_last=True, **saver)
+
+    fit(run, first, [checkpoint()])
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == first
+    resumed = fit(run, last, [checkpoint()], ckpt_path=run / "checkpoints" / "last.ckpt")
+
+    got = _rows(run / "logs" / "v")
+    assert [step for step, _, _ in got[0]] == list(range(last))
+    assert got == expected  # steps, epochs, losses bit for bit, validation steps
+    for name, value in weights.items():
+        assert torch.equal(trainable_weights(resumed)[name], value), name
+
+
 # --- metrics, event log and checkpoint files across resumes ---------------------------------------
 
 
@@ -218,3 +286,54 @@ def test_last_is_the_newest_complete_checkpoint(tmp_path):
         assert newest_checkpoint([tmp_path, tmp_path / "missing"]) == tmp_path / "step=4.ckpt"
     save_checkpoint_file({"global_step": 4}, tmp_path / "last.ckpt")
     assert newest_checkpoint([tmp_path]) == tmp_path / "last.ckpt"  # a tie goes to last.ckpt
+
+
+def test_ckpt_path_last_in_a_lightning_cli_of_ones_own(tmp_path, data_file, monkeypatch):
+    """A LightningCLI with Lightning's default, numbered logger versions: every run writes to a new
+    version_N, where Lightning's own ckpt_path="last" finds nothing. The exported function finds the
+    newest checkpoint of the earlier versions."""
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_paged import last_checkpoint
+
+    class MyCLI(LightningCLI):
+        def before_fit(self):
+            if self.config_init[self.subcommand].get("ckpt_path") == "last":
+                self.config_init[self.subcommand]["ckpt_path"] = last_checkpoint(self.trainer)
+
+    def run(steps: int, *extra: str) -> MyCLI:
+        args = [
+            "fit",
+            "--trainer.strategy=paged_qlora",
+            "--trainer.accelerator=cpu",
+            f"--trainer.max_steps={steps}",
+            "--trainer.limit_val_batches=0",
+            "--trainer.enable_progress_bar=false",
+            "--trainer.logger=lightning.pytorch.loggers.CSVLogger",
+            f"--trainer.logger.save_dir={tmp_path}",
+            "--trainer.callbacks+=ModelCheckpoint",
+            "--trainer.callbacks.save_last=true",
+            f"--model.model_config={json.dumps(MODEL_CONFIG)}",
+            "--model.optimizer={'name': 'adamw', 'lr': 0.01}",
+            f"--data.data_path={data_file}",
+            "--data.max_length=80",
+            "--data.batch_size=4",
+            *extra,
+        ]
+        return MyCLI(
+            CausalLMModule,
+            InstructionDataModule,
+            args=args,
+            save_config_callback=None,
+            auto_configure_optimizers=False,
+        )
+
+    monkeypatch.setattr(sys, "argv", ["my_cli.py"])
+    run(2)
+    resumed = run(3, "--ckpt_path", "last")
+    first = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert resumed.trainer.ckpt_path == str(first)
+    assert resumed.trainer.global_step == 3  # two steps restored, one trained
+    assert (tmp_path / "lightning_logs" / "version_1").is_dir()

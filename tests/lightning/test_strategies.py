@@ -411,3 +411,73 @@ def test_the_strategy_lets_callbacks_prepare_before_its_device_set_up(tiny_llama
     trainer = quiet_trainer(strategy=strategy, max_steps=1, callbacks=[Recorder()])
     trainer.fit(Module(), DataLoader([torch.randint(0, 128, (8,))], batch_size=1))
     assert order[:2] == ["before_cuda_init cpu", "setup"]  # setup_environment comes before every setup hook
+
+
+# --- an optimizer that holds no adapter: refused; adapters outside every optimizer: a warning ------
+
+
+def test_a_users_lightning_cli_with_its_own_optimizer_is_refused_before_training(tmp_path, monkeypatch):
+    """``LightningCLI(MyModule, MyData)`` keeps its default ``auto_configure_optimizers=True``; its
+    ``--optimizer`` is built over the model before the strategy converts it: no adapter in it."""
+    import json
+    import sys
+
+    from lightning.pytorch.cli import LightningCLI
+
+    from lightning_paged import CausalLMModule, InstructionDataModule
+    from lightning_paged.core.errors import UsageError
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"instruction": f"Say {w}", "output": w}) + "\n" for w in "abcdefgh"))
+    model_config = {
+        "model_type": "llama",
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+    }
+    args = [
+        "fit",
+        "--optimizer",
+        "torch.optim.AdamW",
+        "--optimizer.lr",
+        "0.01",
+        "--trainer.strategy",
+        "paged_qlora",
+        "--trainer.accelerator",
+        "cpu",
+        "--trainer.max_steps",
+        "2",
+        "--trainer.logger",
+        "false",
+        "--trainer.enable_checkpointing",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        f"--trainer.default_root_dir={tmp_path}",
+        f"--model.model_config={json.dumps(model_config)}",
+        f"--data.data_path={data}",
+        "--data.val_split=0",
+        "--data.batch_size=2",
+    ]
+    monkeypatch.setattr(sys, "argv", ["my_cli.py"])
+    with (
+        pytest.warns(UserWarning, match="configure_optimizers` will be overridden"),
+        pytest.raises(UsageError, match=r"AdamW holds none of the model's \d+ trainable adapter") as raised,
+    ):
+        LightningCLI(CausalLMModule, InstructionDataModule, args=args, save_config_callback=None)
+    message = str(raised.value)
+    assert "before the conversion" in message and "auto_configure_optimizers=False" in message
+
+
+def test_adapters_outside_every_optimizer_are_named_in_a_warning():
+    class OnlyA(LlamaModule):
+        def configure_optimizers(self):
+            return torch.optim.AdamW([p for n, p in self.named_parameters() if "lora_A" in n], lr=self.lr)
+
+    module = OnlyA()
+    with pytest.warns(
+        UserWarning, match=r"of the model's \d+ trainable adapter parameters are in no optimizer .*lora_B"
+    ):
+        fit(module, 1, PagedQLoRAStrategy())

@@ -1,9 +1,9 @@
 """Loading a model directory's weights while quantizing them, without the 16-bit model in memory.
 
 :func:`empty_model` builds a directory's model with no weights (parameters on the meta device);
-:func:`~lightning_paged.core.qlora.convert_to_qlora` then fills it from the safetensors files as it
-converts (:func:`load_and_convert`), on every rank from the same files. Pre-quantized bitsandbytes
-4-bit directories are loaded as stored.
+:func:`~lightning_paged.core.qlora.convert_to_qlora` then fills it from the weight files (safetensors,
+or zip-format PyTorch ``.bin`` files, memory-mapped) as it converts (:func:`load_and_convert`), on
+every rank from the same files. Pre-quantized bitsandbytes 4-bit directories are loaded as stored.
 """
 
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, find_weight_files

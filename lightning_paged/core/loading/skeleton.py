@@ -106,8 +106,8 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
 def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The causal LM of a local model directory with its parameters on the meta device.
 
-    The directory's files are checked (a missing shard, a truncated file, ``.bin``-only weights, an
-    8-bit or other quantized checkpoint are refused here, with what to do), but no weight is read: the model is
+    The directory's files are checked (a missing shard, a truncated file, a legacy pre-zip ``.bin``
+    file, an 8-bit or other quantized checkpoint are refused here, with what to do), but no weight is read: the model is
     filled from the files where it is converted, one tensor at a time. ``dtype`` is that of the
     empty parameters (default: the config's ``dtype``/``torch_dtype``); the loaded weights take the
     dtypes the conversion gives them.

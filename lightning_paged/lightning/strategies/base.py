@@ -18,7 +18,7 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
-from lightning_paged.core.adapters import load_adapter_state_dict
+from lightning_paged.core.adapters import check_optimizers, load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import (
     Fingerprint,
@@ -141,6 +141,15 @@ class QLoRAStrategyMixin:
         self._resume.begin(trainer)
         super().setup(trainer)  # type: ignore[misc]
 
+    def setup_optimizers(self, trainer: pl.Trainer) -> None:
+        """Refuse an optimizer built before the conversion (it holds no adapter): see ``check_optimizers``."""
+        super().setup_optimizers(trainer)  # type: ignore[misc]
+        module = self.lightning_module  # type: ignore[attr-defined]
+        if self._converted is module and module is not None:
+            warning = check_optimizers(self.optimizers, module)  # type: ignore[attr-defined]
+            if warning:
+                rank_zero_warn(warning)
+
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True
@@ -154,11 +163,14 @@ class QLoRAStrategyMixin:
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         if self._converted is self.lightning_module:  # type: ignore[attr-defined]
-            checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata()
+            checkpoint[CHECKPOINT_KEY] = self.checkpoint_metadata(checkpoint)
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
-    def checkpoint_metadata(self) -> dict[str, Any]:
-        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states)."""
+    def checkpoint_metadata(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
+        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states).
+
+        The fit loop's counters in ``checkpoint`` are settled first: see :mod:`lightning_paged.lightning.resume`.
+        """
         assert self.fingerprint is not None
         return {
             "format": CHECKPOINT_FORMAT,
@@ -166,7 +178,7 @@ class QLoRAStrategyMixin:
             "qlora": asdict(self.qlora),
             "model_attr": self.model_attr,
             **self._adapter_info,
-            "resume": self._resume.state(),
+            "resume": self._resume.state(checkpoint),
         }
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -224,6 +236,11 @@ class QLoRAStrategyMixin:
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         self._resume.after_training_step()
+        return output
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> Any:
+        output = super().optimizer_step(*args, **kwargs)  # type: ignore[misc]
+        self._resume.after_optimizer_step()
         return output
 
 
