@@ -257,7 +257,6 @@ def convert_to_qlora(
         if directory is not None:
             return load_and_convert(model, directory, config, device)
     import bitsandbytes as bnb
-    from peft import LoraConfig, inject_adapter_in_model
 
     if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
         raise SettingError("model", type(model).__name__, "is already quantized; convert a module only once")
@@ -281,9 +280,39 @@ def convert_to_qlora(
         del linear
 
     place_non_quantized(model, config, device)
+    add_adapters(model, config, targets, linear_names, device)
+
+    total = sum(param_count(p) for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return ConversionReport(
+        quantized=quantized,
+        skipped=skipped,
+        adapted=targets,
+        total_params=total,
+        trainable_params=trainable,
+        quantized_bytes=quantized_bytes,
+        replaced_16bit_bytes=replaced_bytes,
+    )
+
+
+def add_adapters(
+    model: nn.Module,
+    config: QLoRAConfig,
+    targets: Sequence[str],
+    linear_names: Sequence[str],
+    device: torch.device,
+) -> None:
+    """Freeze everything, add PEFT LoRA adapters to ``targets`` (4-bit layers), adapters in float32 on ``device``.
+
+    Only the adapters draw random numbers (PEFT initialises them on the host, then moves them to the
+    device of their base layer), in the order of the model's modules: a model that reaches this point
+    in the same random state gets the same adapters, whatever its device or how its base weights came.
+    Then activation checkpointing, when the settings ask for it.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
     for param in model.parameters():
         param.requires_grad_(False)
-
     # PEFT picks its 4-bit LoRA layer only when the model says it is loaded in 4-bit.
     model.is_loaded_in_4bit = True  # type: ignore[assignment]
     lora = LoraConfig(
@@ -305,18 +334,6 @@ def convert_to_qlora(
 
     if config.gradient_checkpointing and not enable_checkpointing(model):
         log.info("gradient_checkpointing: %s does not support it; running without", type(model).__name__)
-
-    total = sum(param_count(p) for p in model.parameters())
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return ConversionReport(
-        quantized=quantized,
-        skipped=skipped,
-        adapted=targets,
-        total_params=total,
-        trainable_params=trainable,
-        quantized_bytes=quantized_bytes,
-        replaced_16bit_bytes=replaced_bytes,
-    )
 
 
 # ---------------------------------------------------------------------------------------------

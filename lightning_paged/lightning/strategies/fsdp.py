@@ -24,9 +24,9 @@ from lightning_paged.core.fsdp import (
     check_world_size,
     distribute_like,
     gather_full,
-    shard_model,
     sharding_storage,
 )
+from lightning_paged.core.fsdp_load import convert_and_shard
 from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
@@ -35,7 +35,7 @@ from lightning_paged.core.fsdp_optimizer import (
 )
 from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
 from lightning_paged.core.loading import deferred_directory
-from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
+from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
 
@@ -132,17 +132,8 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             target = select_target(module, self.model_attr)
             if deferred_directory(target) is None:  # a directory model: each rank reads the files
                 broadcast_from_rank_zero(target, self.root_device)
-            self._convert(module, self.root_device)
-            module.to(self.root_device)  # buffers (rotary tables) before sharding
-            try:
-                self.shard_report = shard_model(
-                    target,
-                    self.device_mesh["data_parallel"],
-                    block_class=self.block_class,
-                    reshard_after_forward=self.reshard_after_forward,
-                )
-            except SettingError as err:
-                raise err.located(SETTING_PREFIX) from None
+            self._convert(module, self.root_device, self._convert_and_shard)
+            assert self.shard_report is not None
             rank_zero_info(self.shard_report.summary())
         self.accelerator.setup(trainer)
         # gradient clipping must see the sharded gradients, not the optimizer's local proxies
@@ -152,6 +143,18 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def _convert_and_shard(self, target: torch.nn.Module) -> ConversionReport:
+        """Quantize and shard one block at a time: this rank keeps its shard of each before reading the next."""
+        report, self.shard_report = convert_and_shard(
+            target,
+            self.qlora,
+            self.root_device,
+            self.device_mesh["data_parallel"],
+            block_class=self.block_class,
+            reshard_after_forward=self.reshard_after_forward,
+        )
+        return report
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
