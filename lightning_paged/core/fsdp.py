@@ -66,6 +66,25 @@ def check_world_size(world: int, setting: str) -> None:
         )
 
 
+def check_precision(precision: str | None, setting: str) -> None:
+    """Refuse float16 AMP (``"16-mixed"``): its gradient scaler cannot see the gradients FSDP shards.
+
+    torch's ``GradScaler.step`` unscales and checks for inf the gradients it finds in the optimizer's
+    groups (``torch/amp/grad_scaler.py``, ``unscale_``/``step``); under FSDP those groups hold the
+    local proxies, which get their gradients only inside the step, so the first step fails with
+    "No inf checks were recorded for this optimizer". Lightning refuses it for a strategy instance
+    only; a strategy given by name reaches the first step. ``setting`` is where the user sets it.
+    """
+    if precision in ("16-mixed", "16"):
+        raise SettingError(
+            setting,
+            precision,
+            "cannot be used with paged_qlora_fsdp: float16 mixed precision scales the gradients, and its "
+            "scaler cannot see the sharded gradients the optimizer steps; use 'bf16-mixed' or '32-true' "
+            "(4-bit matmuls run in the strategy's compute_dtype, which may be float16)",
+        )
+
+
 def _block_candidates(model: nn.Module) -> list[tuple[str, str]]:
     """(ModuleList name, class name) of every ModuleList of two or more modules of one class, largest first."""
     found = []

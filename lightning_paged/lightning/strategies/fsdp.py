@@ -21,6 +21,7 @@ from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import (
     STRATEGY_DESCRIPTION,
     ShardReport,
+    check_precision,
     check_world_size,
     distribute_like,
     gather_full,
@@ -116,6 +117,11 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         self.shard_report: ShardReport | None = None
 
     @override
+    def _check_precision(self) -> None:
+        super()._check_precision()
+        check_precision(getattr(self.precision_plugin, "precision", None), "trainer.precision")
+
+    @override
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
         check_world_size(world, "trainer.devices")
@@ -133,6 +139,9 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             if deferred_directory(target) is None:  # a directory model: each rank reads the files
                 broadcast_from_rank_zero(target, self.root_device)
             self._convert(module, self.root_device, self._convert_and_shard)
+            module.to(
+                self.root_device
+            )  # what the module holds beside its model (FSDPModule._apply keeps shards)
             assert self.shard_report is not None
             rank_zero_info(self.shard_report.summary())
         self.accelerator.setup(trainer)
