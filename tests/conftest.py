@@ -63,6 +63,24 @@ def launcher_environ(monkeypatch):
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "scripts"
 
+_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This checkout's environment for a child process, without what earlier tests of the session left:
+    a ``PL_GLOBAL_SEED`` (``seed_everything``) makes Lightning re-seed in some places and not others,
+    and launch variables make a child take itself for an already launched rank."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
+    return {**inherited, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
 
 def run_script(name: str, out_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run ``tests/scripts/<name>`` on this checkout with ``out_dir`` as its argument and working directory."""

@@ -7,8 +7,6 @@ The multi-process runs are one launch of two processes and one of a single proce
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SCRIPTS, quiet_trainer
+from conftest import SCRIPTS, child_env, free_port, quiet_trainer
 
 from lightning_paged import PagedQLoRAFSDPStrategy, SettingError
 
@@ -24,31 +22,14 @@ SCRIPT = SCRIPTS / "fsdp_train.py"
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This checkout's environment without what earlier tests of the session left there: a
-    ``PL_GLOBAL_SEED`` (``seed_everything``) makes Lightning re-seed at a parallel strategy's
-    setup only, so the two-rank and one-process runs would start from different adapters."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
-    return {**inherited, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    dist_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
+    dist_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", NODE_RANK="0")
     ranks = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), "fsdp", str(out)],
-            env=_env(LOCAL_RANK=str(rank), **dist_env),
+            env=child_env(LOCAL_RANK=str(rank), **dist_env),
             cwd=out,
             stdout=subprocess.DEVNULL,
             stderr=open(out / f"rank{rank}.err", "w"),  # noqa: SIM115
@@ -61,7 +42,7 @@ def runs(tmp_path_factory) -> Path:
         assert process.returncode == 0, (out / f"rank{rank}.err").read_text()[-3000:]
     single = subprocess.run(
         [sys.executable, str(SCRIPT), "single", str(out)],
-        env=_env(),
+        env=child_env(),
         cwd=out,
         capture_output=True,
         text=True,
