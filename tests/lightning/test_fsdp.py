@@ -241,3 +241,25 @@ def test_strategy_is_registered_by_name():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert StrategyRegistry["paged_qlora_fsdp"]["strategy"] is PagedQLoRAFSDPStrategy
+
+
+def test_float16_mixed_precision_given_with_the_strategy_by_name_is_refused_before_fit(tiny_llama):
+    """On a GPU, ``Trainer(strategy="paged_qlora_fsdp", precision="16-mixed")`` hands the strategy
+    Lightning's float16 ``MixedPrecision`` with a gradient scaler (Lightning refuses it only for a
+    strategy instance); the check the command runs before fit refuses it in one line."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama
+
+    strategy = PagedQLoRAFSDPStrategy()
+    strategy.precision_plugin = MixedPrecision("16-mixed", "cuda")
+    with pytest.raises(
+        SettingError, match=r"^trainer\.precision cannot be used with paged_qlora_fsdp.*bf16-mixed"
+    ):
+        strategy.check_module(Module())
+    strategy.precision_plugin = MixedPrecision("bf16-mixed", "cuda")
+    strategy.check_module(Module())
