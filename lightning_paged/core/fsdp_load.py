@@ -3,27 +3,25 @@
 :func:`convert_and_shard` does what :func:`~lightning_paged.core.qlora.convert_to_qlora` followed by
 :func:`~lightning_paged.core.fsdp.shard_model` does, block by block: each repeated block's linear
 weights are read (from the model directory's files, or from the model's own tensors) and quantized
-one layer at a time on the device, its other weights placed, and then ``fully_shard`` keeps this
-rank's piece of every parameter and frees the rest before the next block is read. A rank's peak is
-about the 4-bit model divided by the world size, plus one block in 4 bits and one layer in 16 bits;
-the weights outside the blocks (embeddings, final norm, head) are placed whole once the blocks are
-sharded, and then sharded with the root.
+one layer at a time on the device, its other weights placed and its adapters added, and then
+``fully_shard`` keeps this rank's piece of every parameter and frees the rest before the next block
+is read. A rank's peak is about the 4-bit model divided by the world size, plus one block in 4 bits
+and one layer in 16 bits; the weights outside the blocks (embeddings, final norm, head) are placed
+whole once the blocks are sharded, and then sharded with the root.
 
-The adapters are added before any base weight is read, to layers whose packed weight is still an
-empty placeholder: PEFT initialises them on the host from the same random state as the whole-model
-conversion, so every rank starts from the adapters that conversion would give (and rank zero's are
-broadcast anyway). Each rank's packed bytes and quantization constants are exactly those of a
-whole-model quantization, cut as FSDP cuts (``torch.chunk`` along dim 0).
-
-DoRA needs each base weight to initialise its magnitudes, so with ``use_dora`` the model is converted
-whole and then sharded. Framework-free: the Lightning strategy and the Fabric strategy call this.
+Each rank's packed bytes and quantization constants are exactly those of a whole-model quantization,
+cut as FSDP cuts (``torch.chunk`` along dim 0). The adapters are drawn block after block in the order
+the whole-model conversion draws them (only they draw random numbers, and quantizing draws none), so
+from the same random state every rank gets the adapters that conversion gives; rank zero's are
+broadcast anyway. (An adapted layer outside the blocks is added last: the same order, unless it
+comes before the blocks in the model.) Framework-free: the Lightning and Fabric strategies call this.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Any
 
 import torch
@@ -31,22 +29,17 @@ import torch.distributed as dist
 from torch import nn
 
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor, shard_model
+from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor
 from lightning_paged.core.layers4bit import (
-    DTYPES,
     STORAGE_DTYPES,
+    linear4bit_layers,
     place_non_quantized,
     quantize_linear,
     quantized_weight_bytes,
     set_submodule,
 )
-from lightning_paged.core.qlora import (
-    ConversionReport,
-    QLoRAConfig,
-    add_adapters,
-    convert_to_qlora,
-    select_layers,
-)
+from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
+from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, select_layers
 
 
 def convert_and_shard(
@@ -74,44 +67,44 @@ def convert_and_shard(
             config.quant_storage,
             "must be a floating type to shard 4-bit weights (convert with quant_storage equal to compute_dtype)",
         )
-    if config.use_dora:  # DoRA's magnitudes are computed from each base weight as the adapter is added
-        report = convert_to_qlora(model, config, device)
-        model.to(device)
-        return report, shard_model(
-            model, mesh, block_class=block_class, reshard_after_forward=reshard_after_forward
-        )
-
     blocks = find_blocks(model, block_class)
     kind = type(blocks[0]).__name__  # before fully_shard gives it an FSDP subclass
     linear_names, quantized, targets = select_layers(model, config)
     named = list(model.named_modules())  # the original modules, by the names the files use
-    block_names = [next(n for n, m in named if m is block) for block in blocks]
+    prefixes = [next(n for n, m in named if m is block) for block in blocks]
     originals: dict[str, Any] = {name: model.get_submodule(name) for name in quantized}
     totals = _Totals(
         params=sum(p.numel() for p in model.parameters()),
         replaced_16bit=sum(linear.weight.numel() * 2 for linear in originals.values()),
     )
+    lora = lora_config(config, targets, linear_names)
     source_of = _DirectorySource if _directory(model) is not None else _TensorSource
     with source_of.open(model, config, device) as source:  # a directory's files are checked here
-        shells: dict[str, Any] = {name: _shell(linear, config) for name, linear in originals.items()}
-        for name, shell in shells.items():
-            set_submodule(model, name, shell)
-        add_adapters(model, config, targets, linear_names, torch.device("cpu"))  # on the host for now
-        for block, prefix in zip(blocks, block_names):
+        for param in model.parameters():
+            param.requires_grad_(False)
+        if config.gradient_checkpointing:
+            checkpointing(model)
+        for block, prefix in zip(blocks, prefixes):
             inside = [(n, m) for n, m in named if n == prefix or n.startswith(prefix + ".")]
-            _fill(source, block, inside, originals, shells, totals, device)
+            _fill(source, model, inside, originals, totals)
+            _adapt(block, lora, [t[len(prefix) + 1 :] for t in targets if t.startswith(prefix + ".")], device)
             _broadcast_trainable(block, mesh)
             fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
             source.trim()
-        outside = [(n, m) for n, m in named if not any(n == p or n.startswith(p + ".") for p in block_names)]
-        _fill(source, model, outside, originals, shells, totals, device)
+        outside = [(n, m) for n, m in named if not any(n == p or n.startswith(p + ".") for p in prefixes)]
+        _fill(source, model, outside, originals, totals)
+        rest = [t for t in targets if not any(t.startswith(p + ".") for p in prefixes)]
+        if rest:
+            _adapt(model, lora, rest, device)
+        model.is_loaded_in_4bit = True  # type: ignore[assignment]
+        model.peft_config = {"default": lora}  # type: ignore[assignment]
         _broadcast_trainable(model, mesh)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         report = source.report(
             ConversionReport(
                 quantized=quantized,
-                skipped=[n for n in linear_names if n not in shells],
+                skipped=[n for n in linear_names if n not in quantized],
                 adapted=list(targets),
                 total_params=totals.params + trainable,
                 trainable_params=trainable,
@@ -119,16 +112,25 @@ def convert_and_shard(
                 replaced_16bit_bytes=totals.replaced_16bit,
             )
         )
-    layers: list[Any] = list(shells.values())
+    layers: list[Any] = linear4bit_layers(model)
     shard = ShardReport(
         block_class=kind,
         blocks=len(blocks),
         world_size=mesh.size(),
-        local_packed_bytes=sum(local_tensor(s.weight).numel() * s.weight.element_size() for s in layers),
+        local_packed_bytes=sum(local_tensor(la.weight).numel() * la.weight.element_size() for la in layers),
         total_packed_bytes=totals.packed,
         quant_state_bytes=totals.quantized - totals.packed,
     )
     return report, shard
+
+
+def _adapt(module: nn.Module, lora: Any, targets: list[str], device: torch.device) -> None:
+    """The adapters of ``targets`` (names within ``module``), added by PEFT as to the whole model."""
+    if not targets:
+        return
+    inject_lora(module, replace(lora, target_modules=targets), device)
+    for attribute in ("peft_config", "is_loaded_in_4bit"):  # the model's own, set once on the root
+        module.__dict__.pop(attribute, None)
 
 
 class _Totals:
@@ -147,67 +149,23 @@ def _directory(model: nn.Module) -> Any:
     return deferred_directory(model)
 
 
-def _shell(linear: nn.Linear, config: QLoRAConfig) -> nn.Module:
-    """A ``Linear4bit`` for ``linear`` whose packed weight is an empty host placeholder, filled later.
-
-    The placeholder gives PEFT what it reads from a base layer (device, dtype, 4-bit settings), so it
-    adds the adapters exactly as it would to the quantized layer; the bias stays on meta until filled.
-    """
-    import bitsandbytes as bnb
-
-    storage = STORAGE_DTYPES[config.quant_storage]
-    shell: Any = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
-        bias=linear.bias is not None,
-        compute_dtype=DTYPES[config.compute_dtype],
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=storage,
-        device="meta",
-    )
-    shell.weight = bnb.nn.Params4bit(
-        torch.empty(0, dtype=storage),
-        requires_grad=False,
-        compress_statistics=config.double_quant,
-        quant_type=config.quant_type,
-        quant_storage=storage,
-        module=shell,
-    )
-    shell.support_avx512bf16_for_cpu = False  # as quantize_linear: keep the training layout on CPU
-    return shell
-
-
 def _fill(
     source: Any,
-    container: nn.Module,
+    model: nn.Module,
     modules: list[tuple[str, nn.Module]],
-    originals: dict[str, nn.Module],
-    shells: dict[str, Any],
+    originals: dict[str, Any],
     totals: _Totals,
-    device: torch.device,
 ) -> None:
-    """Give ``container`` (a block, or the rest of the model) its weights on ``device``.
-
-    ``modules`` are its original modules by name; the 4-bit layers among them are quantized one at a
-    time into their shells, and the adapters PEFT left on the host are moved over.
-    """
+    """Give ``modules`` (original modules by name) their weights: each 4-bit layer quantized in turn."""
     linears = [(n, originals[n]) for n, _ in modules if n in originals]
-    source.place([(n, m) for n, m in modules if n not in originals and n not in shells], linears)
+    source.place([(n, m) for n, m in modules if n not in originals], linears)
     for name, linear in linears:
         new: Any = source.layer(name, linear)
-        shell = shells[name]
-        shell.weight = new.weight
-        shell.weight.module = shell
-        shell.quant_state = new.quant_state
-        shell.bias = new.bias
+        set_submodule(model, name, new)
         totals.quantized += quantized_weight_bytes(new)
         totals.packed += new.weight.numel() * new.weight.element_size()
         del originals[name], new
         linear.to("meta")  # its 16-bit weight is not needed any more
-    for param in container.parameters():
-        if param.requires_grad and not _is_dtensor(param) and param.device != device:
-            param.data = param.data.to(device)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:
