@@ -8,8 +8,10 @@ dim 0 across a device mesh: the packed 4-bit base weights (frozen) and the LoRA 
   :func:`sharding_storage`), so every sharding path treats them as ordinary floating parameters;
   their quantization constants (``quant_state``) are not parameters and stay whole on every rank,
   where ``Linear4bit`` finds them again on its module after FSDP re-creates the parameter;
-* each repeated block (decoder layer) and the root are sharded (:func:`find_blocks`,
-  :func:`shard_model`), so one block's weights are gathered at a time.
+* each repeated block (decoder layer) and the root are sharded (:func:`find_blocks`), so one block's
+  weights are gathered at a time: :func:`shard_model` shards a model converted already, and the
+  strategies convert and shard one block at a time
+  (:func:`~lightning_paged.core.fsdp_load.convert_and_shard`), so no rank holds the whole model.
 
 :func:`gather_full` and :func:`distribute_like` turn sharded adapter weights into whole tensors for
 a checkpoint and back. The optimizer side is :mod:`lightning_paged.core.fsdp_optimizer`.
