@@ -89,9 +89,26 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
+    @override
+    def module_to_device(self, module: nn.Module) -> None:
+        """Nothing: ``setup_module`` converts and shards in one pass (``ModelParallelStrategy`` moves nothing here)."""
+
     def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
         target = select_target(module, self.model_attr)
-        if not is_qlora(target):
+        if is_qlora(target):  # converted by hand beforehand: shard it as it is
+            module.to(self.root_device)
+            try:
+                self.shard_report = fsdp.shard_model(
+                    target,
+                    mesh["data_parallel"],
+                    block_class=self.block_class,
+                    reshard_after_forward=self.reshard_after_forward,
+                )
+            except SettingError as err:
+                raise err.located("strategy.") from None
+            self._qlora_modules.append(module)
+            rank_zero_info(self.shard_report.summary())
+        else:
             if deferred_directory(target) is None:  # a directory model: each rank reads the files
                 broadcast_from_rank_zero(target, self.root_device)
             try:  # quantized and sharded one block at a time (core/fsdp_load.py)
