@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_seed_left_behind():
+    """``seed_everything`` (the command's ``seed_everything:`` too) leaves its seed in ``os.environ``, and the
+    QLoRA strategies, like Lightning's parallel ones, re-seed from it before adding adapters: a later
+    test (or a benchmark it starts) must not inherit another test's seed."""
+    yield
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        os.environ.pop(name, None)
+
+
 def quiet_trainer(**overrides):
     """A CPU Trainer without logger, checkpoints, progress bar or sanity validation; ``overrides`` win."""
     import lightning.pytorch as pl
