@@ -1,19 +1,25 @@
 """FSDP memory and speed: what each rank holds under paged_qlora_fsdp's core, and its step time against DDP.
 
-1. Per-rank bytes at world size 1, 2 and 4 (CPU processes over gloo, one thread each): the packed
-   4-bit base weights of the rank's shards, the quantization constants every rank keeps whole,
-   the other weights (embeddings, norms, head) of its shards, its adapter shards and its optimizer
-   state, counted from the tensors themselves; plus the process's anonymous host memory (``RssAnon``)
-   above its imports after the steps, which is what the rank pays in all.
-2. Step time of the same model and global batches at world size 2: FSDP2 (``fully_shard`` per block,
+1. The load: the per-rank peak of anonymous host memory (``RssAnon``, sampled every millisecond,
+   above the level after the imports) while a saved model directory is loaded by
+   ``convert_and_shard`` (each rank reads and quantizes one layer at a time and keeps only its
+   shard of each block), at world size 1, 2 and 4, as a ratio to world size 1. The model is a Llama
+   of 96 blocks of width 1024 with a 2,048-token vocabulary, so its blocks are 98 % of its weights.
+   Goals: at most 0.6x of world size 1 at 2, at most 0.35x at 4.
+2. Per-rank bytes at world size 1, 2 and 4 (CPU processes over gloo, one thread each) after training
+   steps: the packed 4-bit base weights of the rank's shards, the quantization constants every rank
+   keeps whole, the other weights (embeddings, norms, head) of its shards, its adapter shards and its
+   optimizer state, counted from the tensors themselves; plus the process's anonymous host memory
+   above its imports after the steps.
+3. Step time of the same model and global batches at world size 2: FSDP2 (``fully_shard`` per block,
    the bitsandbytes optimizer stepping local shards) against DDP (whole 4-bit replica per rank), as the
    ratio of median step times over interleaved rounds.
 
-Every rank builds the model from the same config and seed and converts it itself (the bytes of
-the whole 16-bit model pass through each rank's host memory once before sharding).
+In 2 and 3 every rank builds the model from the same config and seed; FSDP converts and shards it
+block by block (``convert_and_shard``), DDP converts it whole.
 
-    python bench/fsdp_memory.py            # a ~37M-parameter Llama, a few minutes on 2 cores
-    python bench/fsdp_memory.py --quick    # smoke test: the tiny model, world sizes 1 and 2
+    python bench/fsdp_memory.py            # about 15 minutes on 2 cores (the 2.3 GB load model is generated once)
+    python bench/fsdp_memory.py --quick    # smoke test: small models, world sizes 1 and 2
 """
 
 from __future__ import annotations
@@ -47,6 +53,7 @@ from common import (
     thread_env,
     write_results,
 )
+from load_memory import AnonPeak, generate
 from workloads import TINY, Workload, build_model, make_batches
 
 sys.path.insert(0, str(REPO))
@@ -55,6 +62,10 @@ NAME = "fsdp_memory"
 FULL = Workload(num_layers=8, batch_size=4, seq_len=64, steps=8)
 QUICK = replace(TINY, batch_size=4, steps=3)
 WARMUP_STEPS = 2
+LOAD_MODEL = dict(hidden_size=1024, intermediate_size=2816, num_hidden_layers=96, vocab_size=2048)
+LOAD_MODEL_QUICK = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, vocab_size=512)
+LOAD_GOALS = {2: 0.6, 4: 0.35}
+"""Per-rank load peak at each world size, as a fraction of world size 1's, at most."""
 
 
 def _rss_anon() -> int:
@@ -75,7 +86,8 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from lightning_paged.core.fsdp import local_tensor, shard_model
+    from lightning_paged.core.fsdp import local_tensor
+    from lightning_paged.core.fsdp_load import convert_and_shard
     from lightning_paged.core.fsdp_optimizer import shard_optimizer
     from lightning_paged.core.layers4bit import quantized_weight_bytes
     from lightning_paged.core.optimizers import build_optimizer
@@ -94,15 +106,19 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
         lora_dropout=0.0,
         gradient_checkpointing=workload.gradient_checkpointing,
     )
-    convert_to_qlora(model, config, device="cpu")  # same seed on every rank: same weights and adapters
-    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    constants = sum(quantized_weight_bytes(layer) - _nbytes(layer.weight) for layer in layers)
     report = None
-    if mode == "fsdp":
-        report = shard_model(model, init_device_mesh("cpu", (world,)))
+    if mode == "fsdp":  # same seed on every rank: same weights and adapters
+        _, report = convert_and_shard(model, config, torch.device("cpu"), init_device_mesh("cpu", (world,)))
         trained: Any = model
     else:
+        convert_to_qlora(model, config, device="cpu")
         trained = torch.nn.parallel.DistributedDataParallel(model)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    constants = (
+        report.quant_state_bytes
+        if report
+        else sum(quantized_weight_bytes(la) - _nbytes(la.weight) for la in layers)
+    )
     optimizer = build_optimizer(
         workload.optimizer,
         [p for p in model.parameters() if p.requires_grad],
@@ -152,6 +168,86 @@ def worker(mode: str, workload: Workload, rank: int, world: int) -> dict[str, An
     }
 
 
+def load_worker(directory: Path, rank: int, world: int) -> dict[str, Any]:
+    """One rank of the sharded load: its peak ``RssAnon`` above the imports, and the bytes it keeps."""
+    import bitsandbytes as bnb
+    import peft  # noqa: F401
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoConfig, AutoModelForCausalLM  # noqa: F401
+
+    from lightning_paged.core.fsdp_load import convert_and_shard
+    from lightning_paged.core.loading import empty_model
+    from lightning_paged.core.qlora import QLoRAConfig
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    bnb.functional.quantize_4bit(torch.randn(64, 64))  # bitsandbytes' CPU library loaded before the window
+    config = QLoRAConfig(quant_storage="bfloat16", lora_dropout=0.0, gradient_checkpointing=False)
+    baseline = _rss_anon()
+    started = time.perf_counter()
+    with AnonPeak() as peak:
+        model = empty_model(directory)
+        report, shard = convert_and_shard(model, config, torch.device("cpu"), mesh)
+    seconds = time.perf_counter() - started
+    largest = max(m.in_features * m.out_features for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    dist.barrier()
+    dist.destroy_process_group()
+    return {
+        "world_size": world,
+        "rank": rank,
+        "peak_above_imports_bytes": peak.peak - baseline,
+        "local_packed_bytes": shard.local_packed_bytes,
+        "total_packed_bytes": shard.total_packed_bytes,
+        "quant_constants_bytes": shard.quant_state_bytes,
+        "largest_layer_16bit_bytes": largest * 2,
+        "parameters": report.total_params,
+        "seconds": round(seconds, 2),
+    }
+
+
+def launch_load(directory: Path, world: int, threads: int) -> list[dict[str, Any]]:
+    """``world`` ranks loading ``directory`` sharded; each rank's result, rank order."""
+    port = str(_free_port())
+    procs = []
+    for rank in range(world):
+        env = {**thread_env(threads), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
+        command = [sys.executable, __file__, "--worker", "load", "--dir", str(directory)]
+        command += ["--rank", str(rank), "--world", str(world), "--threads", str(threads)]
+        procs.append(
+            subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        )
+    return [_result(proc, f"load rank {rank}/{world}") for rank, proc in enumerate(procs)]
+
+
+def _result(proc: subprocess.Popen, what: str) -> dict[str, Any]:
+    out, err = proc.communicate(timeout=1800)
+    lines = [line for line in out.decode().splitlines() if line.startswith(RESULT_PREFIX)]
+    if proc.returncode or not lines:
+        raise RuntimeError(f"{what} failed:\n{err.decode()[-4000:]}")
+    return json.loads(lines[-1][len(RESULT_PREFIX) :])
+
+
+def load_rows(loads: dict[int, list[dict[str, Any]]]) -> list[list[Any]]:
+    base = max(r["peak_above_imports_bytes"] for r in loads[min(loads)])
+    rows = []
+    for world, ranks in loads.items():
+        peak = max(r["peak_above_imports_bytes"] for r in ranks)
+        goal = LOAD_GOALS.get(world)
+        rows.append(
+            [
+                world,
+                fmt_bytes(ranks[0]["local_packed_bytes"]),
+                fmt_bytes(ranks[0]["quant_constants_bytes"]),
+                fmt_bytes(peak),
+                f"{peak / base:.3f}",
+                f"<= {goal}" if goal else "",
+            ]
+        )
+    return rows
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -169,14 +265,7 @@ def launch(mode: str, workload: Workload, world: int, threads: int) -> list[dict
         procs.append(
             subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         )
-    results = []
-    for rank, proc in enumerate(procs):
-        out, err = proc.communicate(timeout=1800)
-        lines = [line for line in out.decode().splitlines() if line.startswith(RESULT_PREFIX)]
-        if proc.returncode or not lines:
-            raise RuntimeError(f"{mode} rank {rank}/{world} failed:\n{err.decode()[-4000:]}")
-        results.append(json.loads(lines[-1][len(RESULT_PREFIX) :]))
-    return results
+    return [_result(proc, f"{mode} rank {rank}/{world}") for rank, proc in enumerate(procs)]
 
 
 def memory_rows(runs: dict[int, list[dict[str, Any]]]) -> list[list[Any]]:
@@ -201,8 +290,28 @@ def memory_rows(runs: dict[int, list[dict[str, Any]]]) -> list[list[Any]]:
 def markdown(rep: dict[str, Any]) -> str:
     runs = {int(k): v for k, v in rep["memory"].items()}
     speed = rep["speed"]
+    load = rep["load"]
+    loads = {int(k): v for k, v in load["runs"].items()}
     lines = [
         "# FSDP memory per rank and step time against DDP",
+        "",
+        "## Peak host memory per rank while loading (sharded load)",
+        "",
+        f"`{rep['command']}`: a Llama of {load['model']['num_hidden_layers']} blocks of width "
+        f"{load['model']['hidden_size']}, vocabulary {load['model']['vocab_size']} "
+        f"({load['parameters']:,} parameters before LoRA), saved in bfloat16; NF4, bfloat16 compute and storage.",
+        "",
+        markdown_table(
+            [
+                "world size",
+                "packed 4-bit kept (rank 0)",
+                "quant. constants (whole)",
+                "peak RssAnon above imports (max rank)",
+                "vs world 1",
+                "goal",
+            ],
+            load_rows(loads),
+        ),
         "",
         f"`{rep['command']}` on {rep['machine']['cpu']}, one thread per rank. Model: "
         f"{rep['settings']['workload']['num_layers']} layers of width {rep['settings']['workload']['hidden_size']}, "
@@ -244,7 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank (default 1)")
     parser.add_argument("--out-dir", type=Path, help="where the JSON and Markdown go (default bench/results)")
-    parser.add_argument("--worker", choices=("fsdp", "ddp"), help=argparse.SUPPRESS)
+    parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_paged_bench"))
+    parser.add_argument("--worker", choices=("fsdp", "ddp", "load"), help=argparse.SUPPRESS)
+    parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--workload", help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--world", type=int, default=1, help=argparse.SUPPRESS)
@@ -252,12 +363,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.worker:
         set_threads(args.threads)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        emit_result(worker(args.worker, Workload.from_json(args.workload), args.rank, args.world))
+        if args.worker == "load":
+            emit_result(load_worker(args.dir, args.rank, args.world))
+        else:
+            emit_result(worker(args.worker, Workload.from_json(args.workload), args.rank, args.world))
         return 0
 
     workload = QUICK if args.quick else FULL
     worlds = (1, 2) if args.quick else (1, 2, 4)
     rounds = 1 if args.quick else 3
+    load_model = LOAD_MODEL_QUICK if args.quick else LOAD_MODEL
+    directory = args.cache_dir / (
+        "fsdp-load-{hidden_size}x{num_hidden_layers}-v{vocab_size}".format(**load_model)
+    )
+    generate(directory, load_model, shard_mb=100)
+    loads = {world: launch_load(directory, world, args.threads) for world in worlds}
+    base = max(r["peak_above_imports_bytes"] for r in loads[1])
+    load_ratios = {w: max(r["peak_above_imports_bytes"] for r in ranks) / base for w, ranks in loads.items()}
     memory = {world: launch("fsdp", workload, world, args.threads) for world in worlds}
     timed = interleaved(("fsdp", "ddp"), rounds, lambda mode, _: launch(mode, workload, 2, args.threads)[0])
     per_round = {
@@ -278,6 +400,13 @@ def main(argv: list[str] | None = None) -> int:
         "memory": {
             str(w): [{k: v for k, v in r.items() if k != "stamps"} for r in ranks]
             for w, ranks in memory.items()
+        },
+        "load": {
+            "model": load_model,
+            "parameters": loads[1][0]["parameters"],
+            "runs": {str(w): ranks for w, ranks in loads.items()},
+            "ratio_to_world_1": {str(w): round(r, 4) for w, r in load_ratios.items()},
+            "goals_met": {str(w): load_ratios[w] <= g for w, g in LOAD_GOALS.items() if w in load_ratios},
         },
         "speed": {mode: spread(times) for mode, times in per_round.items()},
         "speed_ratio": median(paired_ratios(per_round["fsdp"], per_round["ddp"])),

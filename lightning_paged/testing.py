@@ -5,9 +5,12 @@
 - :class:`FakeProbe`: device memory as numbers, for the pressure source;
 - :class:`FakeCupti`: the ``cupti.cupti`` module of cupti-python, delivering synthetic
   unified-memory counter records;
+- :class:`FakeCudaGenerators`: ``torch.cuda``'s random generator functions over stand-in devices,
+  for the per-step generator states of a resume;
 - :func:`tiny_llama_config`: the tiny Llama that the tests and their subprocess scripts build.
 
-Each replaces a real seam (``ManagedMemory``, ``MemoryProbe``, the CUPTI binding); the code
+Each replaces a real seam (``ManagedMemory``, ``MemoryProbe``, the CUPTI binding,
+``lightning_paged.core.sampling._cuda``); the code
 above the seam is the code that runs on a GPU.
 """
 
@@ -42,6 +45,55 @@ def tiny_llama_config(**overrides: Any) -> Any:
     )
     settings.update(overrides)
     return LlamaConfig(**settings)
+
+
+class FakeCudaGenerators:
+    """``torch.cuda``'s generator functions over ``devices`` stand-in devices, ``current`` the current one.
+
+    Each device's generator is a CPU ``torch.Generator`` seeded by its index. As in torch
+    (``cuda/random.py``): ``get_rng_state``/``set_rng_state`` take ``"cuda"`` (the current device,
+    the default), an index or a ``torch.device``, ``*_all`` cover ``range(device_count())``, and a
+    device that is not there raises ``IndexError`` (``torch.cuda.default_generators[idx]``).
+    :meth:`draw` draws from the current device's generator, as dropout on it would.
+    """
+
+    def __init__(self, devices: int, current: int = 0) -> None:
+        self.generators = [torch.Generator().manual_seed(1000 + index) for index in range(devices)]
+        self.current = current
+
+    def is_available(self) -> bool:
+        return bool(self.generators)
+
+    def is_initialized(self) -> bool:
+        return bool(self.generators)
+
+    def device_count(self) -> int:
+        return len(self.generators)
+
+    def current_device(self) -> int:
+        return self.current
+
+    def _generator(self, device: int | str | torch.device) -> torch.Generator:
+        if isinstance(device, str):
+            device = torch.device(device)
+        index = device if isinstance(device, int) else device.index
+        return self.generators[self.current if index is None else index]
+
+    def get_rng_state(self, device: int | str | torch.device = "cuda") -> torch.Tensor:
+        return self._generator(device).get_state()
+
+    def set_rng_state(self, new_state: torch.Tensor, device: int | str | torch.device = "cuda") -> None:
+        self._generator(device).set_state(new_state)
+
+    def get_rng_state_all(self) -> list[torch.Tensor]:
+        return [self.get_rng_state(index) for index in range(self.device_count())]
+
+    def set_rng_state_all(self, new_states: list[torch.Tensor]) -> None:
+        for index, state in enumerate(new_states):
+            self.set_rng_state(state, index)
+
+    def draw(self, n: int = 4) -> torch.Tensor:
+        return torch.rand(n, generator=self.generators[self.current])
 
 
 class HostMemory(ManagedMemory):

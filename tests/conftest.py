@@ -27,6 +27,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def _no_seed_left_behind():
+    """``seed_everything`` (the command's ``seed_everything:`` too) leaves its seed in ``os.environ``, and the
+    QLoRA strategies, like Lightning's parallel ones, re-seed from it before adding adapters: a later
+    test (or a benchmark it starts) must not inherit another test's seed."""
+    yield
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):
+        os.environ.pop(name, None)
+
+
 def quiet_trainer(**overrides):
     """A CPU Trainer without logger, checkpoints, progress bar or sanity validation; ``overrides`` win."""
     import lightning.pytorch as pl
@@ -62,6 +72,24 @@ def launcher_environ(monkeypatch):
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "tests" / "scripts"
+
+_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """This checkout's environment for a child process, without what earlier tests of the session left:
+    a ``PL_GLOBAL_SEED`` (``seed_everything``) makes Lightning re-seed in some places and not others,
+    and launch variables make a child take itself for an already launched rank."""
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
+    return {**inherited, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_script(name: str, out_dir: Path, timeout: int = 600) -> subprocess.CompletedProcess:

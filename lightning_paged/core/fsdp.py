@@ -8,8 +8,10 @@ dim 0 across a device mesh: the packed 4-bit base weights (frozen) and the LoRA 
   :func:`sharding_storage`), so every sharding path treats them as ordinary floating parameters;
   their quantization constants (``quant_state``) are not parameters and stay whole on every rank,
   where ``Linear4bit`` finds them again on its module after FSDP re-creates the parameter;
-* each repeated block (decoder layer) and the root are sharded (:func:`find_blocks`,
-  :func:`shard_model`), so one block's weights are gathered at a time.
+* each repeated block (decoder layer) and the root are sharded (:func:`find_blocks`), so one block's
+  weights are gathered at a time: :func:`shard_model` shards a model converted already, and the
+  strategies convert and shard one block at a time
+  (:func:`~lightning_paged.core.fsdp_load.convert_and_shard`), so no rank holds the whole model.
 
 :func:`gather_full` and :func:`distribute_like` turn sharded adapter weights into whole tensors for
 a checkpoint and back. The optimizer side is :mod:`lightning_paged.core.fsdp_optimizer`.
@@ -63,6 +65,25 @@ def check_world_size(world: int, setting: str) -> None:
             world,
             "is one process, and paged_qlora_fsdp shards the model across two or more; "
             "use strategy='paged_qlora' on one device, or set devices (and num_nodes) to 2 or more",
+        )
+
+
+def check_precision(precision: str | None, setting: str) -> None:
+    """Refuse float16 AMP (``"16-mixed"``): its gradient scaler cannot see the gradients FSDP shards.
+
+    torch's ``GradScaler.step`` unscales and checks for inf the gradients it finds in the optimizer's
+    groups (``torch/amp/grad_scaler.py``, ``unscale_``/``step``); under FSDP those groups hold the
+    local proxies, which get their gradients only inside the step, so the first step fails with
+    "No inf checks were recorded for this optimizer". Lightning refuses it for a strategy instance
+    only; a strategy given by name reaches the first step. ``setting`` is where the user sets it.
+    """
+    if precision in ("16-mixed", "16"):
+        raise SettingError(
+            setting,
+            precision,
+            "cannot be used with paged_qlora_fsdp: float16 mixed precision scales the gradients, and its "
+            "scaler cannot see the sharded gradients the optimizer steps; use 'bf16-mixed' or '32-true' "
+            "(4-bit matmuls run in the strategy's compute_dtype, which may be float16)",
         )
 
 

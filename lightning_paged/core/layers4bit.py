@@ -121,16 +121,18 @@ def _cast_back_to_input_dtype(module: nn.Module, args: tuple, output: object) ->
     return output
 
 
-def place_non_quantized(model: nn.Module, config: QLoRAConfig, device: torch.device) -> None:
+def place_non_quantized(
+    model: nn.Module, config: QLoRAConfig, device: torch.device, modules: Iterable[nn.Module] | None = None
+) -> None:
     """Own the dtype of every weight that stays in floating point.
 
     Embeddings, head and biases take ``compute_dtype`` (float32 with ``upcast_non_quantized``).
     Norm weights are kept in float32 for stability, with their output cast back to the input's
-    dtype so activations stay in ``compute_dtype``.
+    dtype so activations stay in ``compute_dtype``. ``modules`` limits it to those modules' own weights.
     """
     import bitsandbytes as bnb
 
-    for module in model.modules():
+    for module in model.modules() if modules is None else modules:
         if isinstance(module, bnb.nn.Linear4bit):
             continue
         dtype = non_quantized_dtype(module, config)

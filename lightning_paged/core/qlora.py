@@ -6,7 +6,6 @@ Framework-free: the Lightning strategy, the Fabric plugin and the Accelerate hel
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
@@ -21,7 +20,6 @@ from lightning_paged.core.layers4bit import (
     STORAGE_DTYPES,
     ComputeDtype,
     StorageDtype,
-    enable_checkpointing,
     linear4bit_layers,
     param_count,
     place_non_quantized,
@@ -30,10 +28,9 @@ from lightning_paged.core.layers4bit import (
     quantized_weight_bytes,
     set_submodule,
 )
+from lightning_paged.core.lora import add_adapters
 from lightning_paged.core.settings import settings_from_mapping
 from lightning_paged.core.units import format_bytes
-
-log = logging.getLogger(__name__)
 
 QuantType = Literal["nf4", "fp4"]
 """4-bit data types of bitsandbytes."""
@@ -181,19 +178,6 @@ def _short_names(names: Sequence[str]) -> list[str]:
     return list(folded)
 
 
-def _peft_target_spec(targets: Sequence[str], linear_names: Sequence[str]) -> list[str]:
-    """The shortest PEFT ``target_modules`` list that selects exactly ``targets``.
-
-    Leaf names (``q_proj``) when they select no other linear layer, full names otherwise, so the
-    exported ``adapter_config.json`` stays readable and loads onto the same model elsewhere.
-    """
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
-    chosen = {n for n in linear_names if _matches(n, leaves)}
-    if chosen == set(targets):
-        return leaves
-    return list(targets)
-
-
 def select_layers(model: nn.Module, config: QLoRAConfig) -> tuple[list[str], list[str], list[str]]:
     """``(linear layers, those to quantize, those to adapt)`` of ``model`` under ``config``'s selection.
 
@@ -257,7 +241,6 @@ def convert_to_qlora(
         if directory is not None:
             return load_and_convert(model, directory, config, device)
     import bitsandbytes as bnb
-    from peft import LoraConfig, inject_adapter_in_model
 
     if any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules()):
         raise SettingError("model", type(model).__name__, "is already quantized; convert a module only once")
@@ -281,30 +264,7 @@ def convert_to_qlora(
         del linear
 
     place_non_quantized(model, config, device)
-    for param in model.parameters():
-        param.requires_grad_(False)
-
-    # PEFT picks its 4-bit LoRA layer only when the model says it is loaded in 4-bit.
-    model.is_loaded_in_4bit = True  # type: ignore[assignment]
-    lora = LoraConfig(
-        r=config.lora_r,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=_peft_target_spec(targets, linear_names),
-        use_rslora=config.use_rslora,
-        use_dora=config.use_dora,
-        bias="none",
-    )
-    inject_adapter_in_model(lora, model)
-    model.peft_config = {"default": lora}  # type: ignore[assignment]
-    for name, param in model.named_parameters():
-        is_adapter = "lora_" in name
-        param.requires_grad_(is_adapter)
-        if is_adapter:  # adapters train in float32 whatever the compute dtype
-            param.data = param.data.to(device=device, dtype=torch.float32)
-
-    if config.gradient_checkpointing and not enable_checkpointing(model):
-        log.info("gradient_checkpointing: %s does not support it; running without", type(model).__name__)
+    add_adapters(model, config, targets, linear_names, device)
 
     total = sum(param_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

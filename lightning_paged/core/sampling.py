@@ -4,8 +4,8 @@ A run resumed from a checkpoint continues exactly like one that never stopped on
 same batches in the same order and draws the same random numbers (dropout). :class:`ResumableSampler`
 gives a seeded, epoch-dependent order that can start at any position; :func:`resume_dataloader`
 positions a ``DataLoader`` built on it; :func:`capture_rng_state` and :func:`restore_rng_state` save
-and restore the torch, CUDA, Python and NumPy generators in a form ``torch.load(weights_only=True)``
-accepts.
+and restore the torch, CUDA (this process's device only), Python and NumPy generators in a form
+``torch.load(weights_only=True)`` accepts.
 """
 
 from __future__ import annotations
@@ -122,14 +122,22 @@ def resume_dataloader(loader: Any, epoch: int, batches: int) -> bool:
     return True
 
 
+_cuda: Any = torch.cuda
+"""Where the CUDA generators are reached (``torch.cuda``); tests put a stand-in with other devices here."""
+
+
 def capture_rng_state() -> dict[str, Any]:
-    """The states of the torch (CPU and every initialised CUDA device), Python and NumPy generators."""
+    """The states of the torch CPU generator, this process's CUDA device's generator, Python's and NumPy's.
+
+    Only the current CUDA device's generator is saved (``torch.cuda.get_rng_state()`` with its default
+    ``"cuda"``, torch ``cuda/random.py``): it is the one this process draws from, and the one a resumed
+    process puts it back into, whatever devices the two see and whatever index theirs has.
+    """
     version, internal, gauss = random.getstate()
+    cuda_ready = _cuda.is_available() and _cuda.is_initialized()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all()
-        if torch.cuda.is_available() and torch.cuda.is_initialized()
-        else [],
+        "cuda": _cuda.get_rng_state() if cuda_ready else None,
         "python": [version, list(internal), gauss],
     }
     try:
@@ -148,10 +156,18 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: dict[str, Any]) -> None:
-    """Put back what :func:`capture_rng_state` returned."""
+    """Put back what :func:`capture_rng_state` returned; the CUDA state goes to this process's device.
+
+    States saved before only the current device was kept (a list of every visible device's) give
+    this device the entry of its own index, when there is one.
+    """
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, list):  # every device the saving process saw, by index
+        index = _cuda.current_device() if cuda and _cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and _cuda.is_available():
+        _cuda.set_rng_state(cuda)
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     if "numpy" in state:

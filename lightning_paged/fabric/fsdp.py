@@ -16,10 +16,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_paged.core import fsdp, fsdp_optimizer
-from lightning_paged.core.adapters import adapter_state_dict
+from lightning_paged.core.adapters import adapter_state_dict, broadcast_from_rank_zero
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.qlora import QLoRAConfig, is_qlora, select_target
+from lightning_paged.core.fsdp_load import convert_and_shard
+from lightning_paged.core.loading import deferred_directory
+from lightning_paged.core.qlora import QLORA_FIELDS, QLoRAConfig, is_qlora, select_target
 from lightning_paged.fabric.strategies import _QLoRAFabricMixin
 
 
@@ -37,9 +39,10 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     """NF4 QLoRA sharded across processes by FSDP2, for Lightning Fabric (``"paged_qlora_fsdp"``).
 
     The Fabric counterpart of :class:`~lightning_paged.PagedQLoRAFSDPStrategy`, through the same
-    core. ``fabric.setup_module(model)`` takes rank zero's base weights, converts them to NF4 + LoRA
-    with the packed weights stored in ``qlora.compute_dtype`` and shards each repeated block and
-    the root over all processes. Build the optimizer afterwards (:func:`build_paged_optimizer`):
+    core. ``fabric.setup_module(model)`` converts the model to NF4 + LoRA with the packed weights
+    stored in ``qlora.compute_dtype`` and shards it over all processes one repeated block at a time,
+    each rank keeping its shard of a block before the next is read (a directory model is read from
+    its files by every rank; a model that holds its weights takes rank zero's first). Build the optimizer afterwards (:func:`build_paged_optimizer`):
     ``fabric.setup_optimizers`` makes a bitsandbytes optimizer step the local shards.
     ``fabric.save`` writes one file from rank zero with the adapters and optimizer state gathered
     whole (any world size can load it); ``fabric.load`` gives each rank its shard and re-pages.
@@ -80,24 +83,50 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     @override
     def setup_environment(self) -> None:
         self._check_precision()
+        fsdp.check_precision(getattr(self.precision, "precision", None), "precision")
         world = self.num_nodes * self.num_processes
         fsdp.check_world_size(world, "devices")
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
+    @override
+    def module_to_device(self, module: nn.Module) -> None:
+        """Nothing: ``setup_module`` converts and shards in one pass (``ModelParallelStrategy`` moves nothing here)."""
+
     def _parallelize(self, module: nn.Module, mesh: Any) -> nn.Module:
-        self._convert(module, self.root_device)  # takes rank zero's weights first
-        module.to(self.root_device)
-        try:
-            self.shard_report = fsdp.shard_model(
-                select_target(module, self.model_attr),
-                mesh["data_parallel"],
-                block_class=self.block_class,
-                reshard_after_forward=self.reshard_after_forward,
-            )
-        except SettingError as err:
-            raise err.located("strategy.") from None
-        rank_zero_info(self.shard_report.summary())
+        target = select_target(module, self.model_attr)
+        if is_qlora(target):  # converted by hand beforehand: shard it as it is
+            module.to(self.root_device)
+            try:
+                self.shard_report = fsdp.shard_model(
+                    target,
+                    mesh["data_parallel"],
+                    block_class=self.block_class,
+                    reshard_after_forward=self.reshard_after_forward,
+                )
+            except SettingError as err:
+                raise err.located("strategy.") from None
+            self._qlora_modules.append(module)
+            rank_zero_info(self.shard_report.summary())
+        else:
+            if deferred_directory(target) is None:  # a directory model: each rank reads the files
+                broadcast_from_rank_zero(target, self.root_device)
+            try:  # quantized and sharded one block at a time (core/fsdp_load.py)
+                report, self.shard_report = convert_and_shard(
+                    target,
+                    self.qlora,
+                    self.root_device,
+                    mesh["data_parallel"],
+                    block_class=self.block_class,
+                    reshard_after_forward=self.reshard_after_forward,
+                )
+            except SettingError as err:
+                raise err.located("qlora." if err.setting in QLORA_FIELDS else "strategy.") from None
+            self._qlora_modules.append(module)
+            self.conversion_report = report
+            rank_zero_info(report.summary())
+            rank_zero_info(self.shard_report.summary())
+        module.to(self.root_device)  # what the module holds beside its model (FSDPModule._apply keeps shards)
         return module
 
     @override

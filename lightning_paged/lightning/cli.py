@@ -167,11 +167,14 @@ class PagedCLI(LightningCLI):
         self._check_checkpoint()
 
     def after_fit(self) -> None:
-        _print_run_summary(self.trainer)
+        # trainer.log_dir broadcasts (lightning trainer.py, Trainer.log_dir): every rank reads it
+        # here, and only then does rank zero print, so no rank waits on a peer that has exited.
+        _print_run_summary(self.trainer, self.trainer.log_dir)
 
 
 @rank_zero_only
-def _print_run_summary(trainer: Any) -> None:
+def _print_run_summary(trainer: Any, log_dir: str | None) -> None:
+    """The end-of-run lines, on rank zero. Touches no collective: ``log_dir`` was read on every rank."""
     from lightning_paged.lightning.monitor import EvictionMonitor
 
     lines = ["", "Run finished."]
@@ -180,8 +183,8 @@ def _print_run_summary(trainer: Any) -> None:
         path = checkpoint.last_model_path or checkpoint.best_model_path
         if path:
             lines.append(f"  checkpoint:      {path}")
-    if trainer.log_dir:
-        lines.append(f"  logs and config: {trainer.log_dir}")
+    if log_dir:
+        lines.append(f"  logs and config: {log_dir}")
     for callback in trainer.callbacks:
         path = getattr(callback, "path", None)
         if isinstance(callback, EvictionMonitor) and path is not None:

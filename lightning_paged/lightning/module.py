@@ -11,6 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.fsdp_optimizer import model_parameters
 from lightning_paged.core.loading import WeightLoadError, deferred_directory, empty_model, load_unquantized
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.packing import (
@@ -45,7 +46,8 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     all ranks, summed across ranks) right before the optimizer step, so every response token weighs
     the same however the tokens fall into batches.
 
-    Logged: ``train/loss`` (per step: the batch's mean over response tokens), ``train/tokens``
+    Logged: ``train/loss`` (per optimizer step: the mean over all its response tokens, every
+    micro-batch and every rank, as transformers' Trainer logs it), ``train/tokens``
     (real, non-padding tokens in the step's batch), ``train/padding_fraction`` (share of the batch's
     positions that are padding), ``val/loss`` and ``test/loss`` (per epoch, averaged over response
     tokens).
@@ -86,8 +88,8 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         self.sample_max_new_tokens = sample_max_new_tokens
         self.tokenizer = load_tokenizer(tokenizer)
         self.last_sample: str | None = None
-        self._step_targets: torch.Tensor | None = None
-        """Response tokens of the optimizer step so far (with gradient accumulation or several ranks)."""
+        self._step_totals: torch.Tensor | None = None
+        """Summed token losses and response tokens of the optimizer step so far, over every rank."""
         self._packing_checked = False
         self._warned_unless_qlora = False
         if (model_name_or_path is None) == (model_config is None):
@@ -203,7 +205,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     @override
     def on_fit_start(self) -> None:
         super().on_fit_start()
-        self._step_targets = None
+        self._step_totals = None
         self._packing_checked = False
         if getattr(getattr(self._trainer, "datamodule", None), "packing", False):
             check_packing_support(self.model)
@@ -217,31 +219,40 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         loss = self._loss(batch)
         size = batch["input_ids"].shape[0]
         tokens = batch_tokens(batch).float()
-        self.log("train/loss", loss, prog_bar=True, batch_size=size)
         self.log("train/tokens", tokens, batch_size=size)
         self.log("train/padding_fraction", 1 - tokens / batch["input_ids"].numel(), batch_size=size)
         if self.trainer.accumulate_grad_batches * self.trainer.world_size == 1:
+            self.log("train/loss", loss, prog_bar=True, batch_size=size)
             return loss  # the mean over this batch is already the mean over the step's tokens
-        targets = response_targets(batch["labels"])
-        self._step_targets = targets if self._step_targets is None else self._step_targets + targets
+        targets = response_targets(batch["labels"]).float()
+        # (sum of token losses, response tokens) of the step so far, summed over every rank (one all-reduce
+        # per batch, on every rank): the logged loss is the step's mean over all its tokens, as
+        # transformers' Trainer logs it, not rank zero's share.
+        totals = self.trainer.strategy.reduce(
+            torch.stack([loss.detach() * targets, targets]), reduce_op="sum"
+        )
+        self._step_totals = totals if self._step_totals is None else self._step_totals + totals
+        mean = self._step_totals[0] / self._step_totals[1].clamp_min(1)
+        self.log("train/loss", mean, prog_bar=True, batch_size=size)
         return loss * targets  # rescaled in on_before_optimizer_step
 
     @override
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         super().on_before_optimizer_step(optimizer)
-        if self._step_targets is None:
+        if self._step_totals is None:
             return
-        # Lightning divided each returned sum by the accumulation count and DDP averaged over ranks:
-        # undo both and divide by the response tokens of the whole step instead.
-        total = self.trainer.strategy.reduce(self._step_targets.float(), reduce_op="sum")
-        self._step_targets = None
-        if float(total) == 0:
+        # Lightning divided each returned sum by the accumulation count and DDP (or FSDP's
+        # reduce-scatter) averaged over ranks: undo both and divide by the response tokens of the whole
+        # step instead. Under FSDP the optimizer holds local proxies without gradients at this point;
+        # model_parameters gives the sharded parameters, whose gradients are the ones to scale.
+        total = float(self._step_totals[1])
+        self._step_totals = None
+        if total == 0:
             return
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / total
-        for group in optimizer.param_groups:
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.mul_(scale.to(param.grad.device, param.grad.dtype))
+        for param in model_parameters(optimizer):
+            if param.grad is not None:
+                param.grad.mul_(scale)
 
     @override
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -261,9 +272,14 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     @override
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        if self.sample_prompt is None or not self.trainer.is_global_zero:
+        if self.sample_prompt is None:
             return
+        # Every rank generates: under FSDP each forward all-gathers the sharded weights, and a rank that
+        # sat it out would leave the others waiting for ever. Greedy decoding of the same weights gives
+        # every rank the same text; rank zero reports it.
         self.last_sample = self.generate_sample(self.sample_prompt)
+        if not self.trainer.is_global_zero:
+            return
         rank_zero_info(f"Sample at step {self.global_step}: {self.sample_prompt!r} -> {self.last_sample!r}")
         for logger in self.loggers:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
@@ -272,7 +288,11 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
 
     @torch.no_grad()
     def generate_sample(self, instruction: str) -> str:
-        """Greedy answer to ``instruction``, in the data module's prompt format when there is one."""
+        """Greedy answer to ``instruction``, in the data module's prompt format when there is one.
+
+        With several processes every rank must call it (with the same instruction): a sharded model
+        gathers its weights in each forward, and the ranks keep generating until all have finished.
+        """
         datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
         if callable(getattr(datamodule, "prompt_ids", None)):
             ids = datamodule.prompt_ids(instruction)  # type: ignore[union-attr]
@@ -291,10 +311,17 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
                 use_cache=True,
                 pad_token_id=self.tokenizer.pad_token_id,
                 eos_token_id=self.tokenizer.eos_token_id,
+                synced_gpus=_several_processes(),  # every rank runs every forward until all have finished
             )
         finally:
             self.model.train(was_training)
         return self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+
+
+def _several_processes() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _init_arguments(config_class: type) -> set[str]:

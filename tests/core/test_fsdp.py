@@ -55,3 +55,23 @@ def test_8bit_block_maxima_are_cut_for_another_world_size_only_where_blocks_line
     assert _cut_blocks(odd, [300, 300], [300, 300], 1, "p").tolist() == [2.0, 3.0]
     with pytest.raises(CheckpointMismatchError, match=r"resume with 2 processes"):
         _cut_blocks(odd, [300, 300], [600], 0, "p")
+
+
+def test_ademamix_block_maxima_are_cut_along_their_last_axis():
+    # AdEMAMix's absmax1 is (2, blocks): one row per moving average, blocks along the parameter
+    full = torch.arange(16.0).reshape(2, 8)
+    assert _cut_blocks(full, [1024, 1024], [512] * 4, 1, "p").tolist() == [[2.0, 3.0], [10.0, 11.0]]
+
+
+def test_float16_mixed_precision_is_refused_by_name_in_one_line():
+    from lightning_paged.core.fsdp import check_precision
+
+    check_precision("bf16-mixed", "trainer.precision")
+    check_precision("32-true", "trainer.precision")
+    with pytest.raises(SettingError) as refused:
+        check_precision("16-mixed", "trainer.precision")
+    message = str(refused.value)
+    assert (
+        message.startswith("trainer.precision cannot be used with paged_qlora_fsdp") and "\n" not in message
+    )
+    assert "'bf16-mixed'" in message

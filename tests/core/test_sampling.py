@@ -59,3 +59,42 @@ def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
     assert (
         torch.equal(torch.rand(3), drawn[0]) and random.random() == drawn[1] and np.random.rand() == drawn[2]
     )
+
+
+def test_cuda_state_of_a_process_that_saw_more_devices_resumes_on_the_one_it_sees(tmp_path, monkeypatch):
+    from lightning_paged.core import sampling
+    from lightning_paged.testing import FakeCudaGenerators
+
+    # written by the rank on device 3 of a node with 4 visible GPUs
+    written = FakeCudaGenerators(devices=4, current=3)
+    monkeypatch.setattr(sampling, "_cuda", written)
+    state = capture_rng_state()
+    dropout = written.draw()  # what the next step of the uninterrupted run draws on its device
+    torch.save(state, tmp_path / "rng.pt")
+    assert isinstance(state["cuda"], torch.Tensor)  # one generator: this process's device
+
+    # resumed where one GPU is visible (CUDA_VISIBLE_DEVICES=3: it is device 0 there)
+    resumed = FakeCudaGenerators(devices=1, current=0)
+    monkeypatch.setattr(sampling, "_cuda", resumed)
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert torch.equal(resumed.draw(), dropout)
+
+    # on a machine where CUDA is not initialised the CPU state still comes back, the CUDA one is kept aside
+    monkeypatch.setattr(sampling, "_cuda", FakeCudaGenerators(devices=0))
+    restore_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
+    assert capture_rng_state()["cuda"] is None
+
+
+def test_cuda_states_saved_for_every_device_restore_this_device_entry_only(monkeypatch):
+    from lightning_paged.core import sampling
+    from lightning_paged.testing import FakeCudaGenerators
+
+    four = FakeCudaGenerators(devices=4, current=1)
+    old_format = {**capture_rng_state(), "cuda": four.get_rng_state_all()}
+    expected = four.draw()
+    for visible in (2, 1):  # fewer devices than were saved: no IndexError
+        fake = FakeCudaGenerators(devices=visible, current=min(1, visible - 1))
+        monkeypatch.setattr(sampling, "_cuda", fake)
+        restore_rng_state(old_format)
+        if fake.current == 1:
+            assert torch.equal(fake.draw(), expected)

@@ -7,8 +7,6 @@ The multi-process runs are one launch of two processes and one of a single proce
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT, SCRIPTS, quiet_trainer
+from conftest import SCRIPTS, child_env, free_port, quiet_trainer
 
 from lightning_paged import PagedQLoRAFSDPStrategy, SettingError
 
@@ -24,31 +22,14 @@ SCRIPT = SCRIPTS / "fsdp_train.py"
 STEPS = 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-_LAUNCH_VARS = ("LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "RANK", "GROUP_RANK")
-
-
-def _env(**extra: str) -> dict[str, str]:
-    """This checkout's environment without what earlier tests of the session left there: a
-    ``PL_GLOBAL_SEED`` (``seed_everything``) makes Lightning re-seed at a parallel strategy's
-    setup only, so the two-rank and one-process runs would start from different adapters."""
-    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PL_") and k not in _LAUNCH_VARS}
-    return {**inherited, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
-    dist_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE="2", NODE_RANK="0")
+    dist_env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", NODE_RANK="0")
     ranks = [
         subprocess.Popen(
             [sys.executable, str(SCRIPT), "fsdp", str(out)],
-            env=_env(LOCAL_RANK=str(rank), **dist_env),
+            env=child_env(LOCAL_RANK=str(rank), **dist_env),
             cwd=out,
             stdout=subprocess.DEVNULL,
             stderr=open(out / f"rank{rank}.err", "w"),  # noqa: SIM115
@@ -61,7 +42,7 @@ def runs(tmp_path_factory) -> Path:
         assert process.returncode == 0, (out / f"rank{rank}.err").read_text()[-3000:]
     single = subprocess.run(
         [sys.executable, str(SCRIPT), "single", str(out)],
-        env=_env(),
+        env=child_env(),
         cwd=out,
         capture_output=True,
         text=True,
@@ -260,3 +241,25 @@ def test_strategy_is_registered_by_name():
     from lightning.pytorch.strategies import StrategyRegistry
 
     assert StrategyRegistry["paged_qlora_fsdp"]["strategy"] is PagedQLoRAFSDPStrategy
+
+
+def test_float16_mixed_precision_given_with_the_strategy_by_name_is_refused_before_fit(tiny_llama):
+    """On a GPU, ``Trainer(strategy="paged_qlora_fsdp", precision="16-mixed")`` hands the strategy
+    Lightning's float16 ``MixedPrecision`` with a gradient scaler (Lightning refuses it only for a
+    strategy instance); the check the command runs before fit refuses it in one line."""
+    import lightning.pytorch as pl
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    class Module(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = tiny_llama
+
+    strategy = PagedQLoRAFSDPStrategy()
+    strategy.precision_plugin = MixedPrecision("16-mixed", "cuda")
+    with pytest.raises(
+        SettingError, match=r"^trainer\.precision cannot be used with paged_qlora_fsdp.*bf16-mixed"
+    ):
+        strategy.check_module(Module())
+    strategy.precision_plugin = MixedPrecision("bf16-mixed", "cuda")
+    strategy.check_module(Module())

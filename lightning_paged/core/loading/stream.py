@@ -10,7 +10,7 @@ read fail halfway, the model is put back as it was (empty) so nothing is left on
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -231,15 +231,20 @@ def _place_unquantized(
     config: QLoRAConfig,
     device: torch.device,
     dtype_of: Callable[[nn.Module], torch.dtype] | None = None,
+    modules: Iterable[tuple[str, nn.Module]] | None = None,
+    placed: dict[int, nn.Parameter] | None = None,
 ) -> int:
     """Every parameter but the weights to quantize, and every buffer, on ``device``; returns tensors read.
 
     A floating-point weight takes ``dtype_of(module)``; by default the dtype the conversion gives it.
+    ``modules`` (named, as in ``model.named_modules()``) limits it to those modules' own tensors, and
+    ``placed`` carries tied parameters already placed from one call to the next (a sharded load places
+    one block at a time).
     """
     dtype_of = dtype_of or (lambda module: non_quantized_dtype(module, config))
-    placed: dict[int, nn.Parameter] = {}
+    placed = {} if placed is None else placed
     count = 0
-    for module_name, module in model.named_modules():
+    for module_name, module in model.named_modules() if modules is None else modules:
         prefix = f"{module_name}." if module_name else ""
         for name, param in list(module._parameters.items()):
             if param is None or (module_name in plan.quantized and name == "weight"):

@@ -8,12 +8,13 @@ position and random generator states, see :mod:`lightning_paged.lightning.resume
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.seed import reset_seed
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -121,13 +122,26 @@ class QLoRAStrategyMixin:
         except SettingError as err:
             raise err.located(SETTING_PREFIX) from None
 
-    def _convert(self, module: pl.LightningModule, device: torch.device) -> None:
+    def _convert(
+        self,
+        module: pl.LightningModule,
+        device: torch.device,
+        convert: Callable[[torch.nn.Module], ConversionReport] | None = None,
+    ) -> None:
+        """Convert ``module``'s target once (``convert`` instead of the whole-model conversion).
+
+        The random generators are first reset to the seed of ``seed_everything`` (Lightning's
+        ``reset_seed``; nothing without it), as the parallel strategies already do at set-up
+        (lightning ``strategies/ddp.py`` and ``model_parallel.py``, ``_setup_distributed``): the
+        adapters start from the same values on one device as on several.
+        """
         if self._converted is module:
             return
         target = select_target(module, self.model_attr)
         self.fingerprint = fingerprint(target, self.qlora)  # of the weights before quantization
+        reset_seed()
         try:
-            report = convert_to_qlora(target, self.qlora, device=device)
+            report = (convert or (lambda t: convert_to_qlora(t, self.qlora, device=device)))(target)
         except SettingError as err:
             raise err.located(SETTING_PREFIX) from None
         self._adapter_info = _adapter_info(module, target)

@@ -21,12 +21,13 @@ from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import (
     STRATEGY_DESCRIPTION,
     ShardReport,
+    check_precision,
     check_world_size,
     distribute_like,
     gather_full,
-    shard_model,
     sharding_storage,
 )
+from lightning_paged.core.fsdp_load import convert_and_shard
 from lightning_paged.core.fsdp_optimizer import (
     gathered_optimizer_state,
     load_gathered_optimizer_state,
@@ -35,7 +36,7 @@ from lightning_paged.core.fsdp_optimizer import (
 )
 from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
 from lightning_paged.core.loading import deferred_directory
-from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
+from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
 
@@ -116,6 +117,11 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         self.shard_report: ShardReport | None = None
 
     @override
+    def _check_precision(self) -> None:
+        super()._check_precision()
+        check_precision(getattr(self.precision_plugin, "precision", None), "trainer.precision")
+
+    @override
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
         check_world_size(world, "trainer.devices")
@@ -132,17 +138,11 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             target = select_target(module, self.model_attr)
             if deferred_directory(target) is None:  # a directory model: each rank reads the files
                 broadcast_from_rank_zero(target, self.root_device)
-            self._convert(module, self.root_device)
-            module.to(self.root_device)  # buffers (rotary tables) before sharding
-            try:
-                self.shard_report = shard_model(
-                    target,
-                    self.device_mesh["data_parallel"],
-                    block_class=self.block_class,
-                    reshard_after_forward=self.reshard_after_forward,
-                )
-            except SettingError as err:
-                raise err.located(SETTING_PREFIX) from None
+            self._convert(module, self.root_device, self._convert_and_shard)
+            module.to(
+                self.root_device
+            )  # what the module holds beside its model (FSDPModule._apply keeps shards)
+            assert self.shard_report is not None
             rank_zero_info(self.shard_report.summary())
         self.accelerator.setup(trainer)
         # gradient clipping must see the sharded gradients, not the optimizer's local proxies
@@ -152,6 +152,18 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         if trainer.state.fn == TrainerFn.FITTING:
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
+
+    def _convert_and_shard(self, target: torch.nn.Module) -> ConversionReport:
+        """Quantize and shard one block at a time: this rank keeps its shard of each before reading the next."""
+        report, self.shard_report = convert_and_shard(
+            target,
+            self.qlora,
+            self.root_device,
+            self.device_mesh["data_parallel"],
+            block_class=self.block_class,
+            reshard_after_forward=self.reshard_after_forward,
+        )
+        return report
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
