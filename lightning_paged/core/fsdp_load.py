@@ -28,18 +28,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_paged.core.deferred import deferred_directory, mark_deferred
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor
 from lightning_paged.core.layers4bit import (
-    STORAGE_DTYPES,
     linear4bit_layers,
     place_non_quantized,
     quantize_linear,
     quantized_weight_bytes,
     set_submodule,
 )
+from lightning_paged.core.loading.files import WeightFiles
+from lightning_paged.core.loading.stream import (
+    LoadReport,
+    _layer,
+    _place_unquantized,
+    _trim_host_heap,
+    plan_load,
+)
 from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
-from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, select_layers
+from lightning_paged.core.qlora import ConversionReport
+from lightning_paged.core.qlora_config import STORAGE_DTYPES, QLoRAConfig
+from lightning_paged.core.selection import select_layers
 
 
 def convert_and_shard(
@@ -78,7 +88,7 @@ def convert_and_shard(
         replaced_16bit=sum(linear.weight.numel() * 2 for linear in originals.values()),
     )
     lora = lora_config(config, targets, linear_names)
-    source_of = _DirectorySource if _directory(model) is not None else _TensorSource
+    source_of = _DirectorySource if deferred_directory(model) is not None else _TensorSource
     with source_of.open(model, config, device) as source:  # a directory's files are checked here
         for param in model.parameters():
             param.requires_grad_(False)
@@ -141,12 +151,6 @@ class _Totals:
         self.quantized = 0
         """Packed 4-bit bytes plus quantization constants of every layer, whole."""
         self.packed = 0
-
-
-def _directory(model: nn.Module) -> Any:
-    from lightning_paged.core.loading import deferred_directory
-
-    return deferred_directory(model)
 
 
 def _fill(
@@ -229,19 +233,13 @@ class _DirectorySource:
     @classmethod
     @contextlib.contextmanager
     def open(cls, model: nn.Module, config: QLoRAConfig, device: torch.device) -> Iterator[_DirectorySource]:
-        from lightning_paged.core.loading.files import WeightFiles
-        from lightning_paged.core.loading.skeleton import mark_deferred
-        from lightning_paged.core.loading.stream import plan_load
-
-        with WeightFiles(_directory(model)) as files:
+        with WeightFiles(deferred_directory(model)) as files:
             plan = plan_load(model, files, config)  # every check on the files, before anything changes
             yield cls(model, config, device, files, plan)
         mark_deferred(model, None)
 
     def place(self, plain: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> None:
         """``plain`` modules' weights and buffers from the files, and the biases of ``linears``."""
-        from lightning_paged.core.loading.stream import _place_unquantized
-
         self.read[0] += _place_unquantized(
             self.model,
             self.files,
@@ -255,8 +253,6 @@ class _DirectorySource:
         place_non_quantized(self.model, self.config, self.device, modules=[m for _, m in plain])
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
-        from lightning_paged.core.loading.stream import _layer
-
         assert isinstance(linear, nn.Linear)
         return _layer(name, linear, self.files, self.plan, self.config, self.device, self.read)
 
@@ -264,8 +260,6 @@ class _DirectorySource:
         _trim_if_host(self.device)
 
     def report(self, report: ConversionReport) -> ConversionReport:
-        from lightning_paged.core.loading.stream import LoadReport
-
         return LoadReport(
             **asdict(report),
             directory=str(self.files.directory),
@@ -277,6 +271,4 @@ class _DirectorySource:
 
 def _trim_if_host(device: torch.device) -> None:
     if device.type == "cpu":
-        from lightning_paged.core.loading.stream import _trim_host_heap
-
         _trim_host_heap()

@@ -1,27 +1,19 @@
 """The bitsandbytes side of the conversion: one ``nn.Linear`` to a frozen ``Linear4bit``, and back to training.
 
-Framework-free helpers of :mod:`lightning_paged.core.qlora`: quantizing a layer on its target
-device, the dtypes of everything that stays in floating point, activation checkpointing, and
-undoing bitsandbytes' CPU inference repacking.
+The second floor of the conversion, on the settings of :mod:`~lightning_paged.core.qlora_config`:
+quantizing a layer on its target device, the dtypes of everything that stays in floating point,
+activation checkpointing, and undoing bitsandbytes' CPU inference repacking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lightning_paged.core.qlora import QLoRAConfig
-
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
-"""Data types the 4-bit matmuls can run in."""
-StorageDtype = Literal["uint8", "bfloat16", "float16", "float32"]
-"""Storage types of packed 4-bit weights."""
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(ComputeDtype)}
-STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(StorageDtype)}
+from lightning_paged.core.qlora_config import DTYPES, STORAGE_DTYPES, QLoRAConfig
 
 
 def quantize_weight(

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
-import inspect
 import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -228,23 +227,20 @@ def import_class_path(class_path: Any) -> Any:
 
 
 def _settings_of(class_path: str | None) -> list[str]:
+    """The settings of ``class_path`` as the parser takes them (``**qlora`` resolved to QLoRAConfig's fields)."""
     cls = import_class_path(class_path)
     if cls is None:
         return []
     if dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
-    names: list[str] = []
-    for klass in inspect.getmro(cls):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [
-            p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_class_arguments(cls, fail_untyped=False)
+    except Exception:  # a class jsonargparse cannot describe: no list to offer
+        return []
+    return list(dict.fromkeys(key.split(".")[0] for key in parser.get_defaults().keys()))  # noqa: SIM118  (a Namespace)
 
 
 def _describe(found: _Found, known: list[str]) -> UsageError:

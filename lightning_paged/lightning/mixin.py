@@ -18,9 +18,8 @@ from lightning_paged.core.paging import (
     paging_coverage,
     repage_optimizer_state,
 )
+from lightning_paged.lightning.strategies.base import PLACES
 
-SETTINGS_LOCATION = "model.optimizer."
-"""Where the settings live in a LightningCLI config, for error messages."""
 METRIC_PREFIX = "paging/"
 
 
@@ -62,7 +61,7 @@ class PagedOptimizerMixin(LightningModule):
         config: Any = self.optimizer_config
         if config is None:
             config = getattr(self.hparams, "optimizer", None)
-        return optimizer_config(config, SETTINGS_LOCATION)
+        return optimizer_config(config, PLACES.optimizer)
 
     @override
     def configure_optimizers(self) -> Any:
@@ -72,7 +71,7 @@ class PagedOptimizerMixin(LightningModule):
             config,
             total_steps=None if config.scheduler == "constant" else self._total_steps(),
             memory=self.managed_memory,
-            where=SETTINGS_LOCATION,
+            where=PLACES.optimizer,
             if_empty=" (requires_grad); nothing to optimize",
         )
         self._configured = ([_settings(group) for group in optimizer.param_groups], list(scheduler.base_lrs))

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.deferred import mark_deferred
 from lightning_paged.core.layers4bit import non_quantized_dtype, quantize_linear, set_submodule
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, file_key_for, ignored, listing
 from lightning_paged.core.loading.prequantized import (
@@ -25,10 +26,12 @@ from lightning_paged.core.loading.prequantized import (
     check_settings,
     layer_from_files,
     read_prequantized,
+    read_quantization_config,
     stored_shape,
 )
-from lightning_paged.core.loading.skeleton import mark_deferred, read_quantization_config
-from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, _matches, convert_to_qlora
+from lightning_paged.core.qlora import ConversionReport, convert_to_qlora
+from lightning_paged.core.qlora_config import QLoRAConfig
+from lightning_paged.core.selection import matches
 
 
 @dataclass
@@ -61,7 +64,7 @@ class _Plan:
 
 def _linear_selection(model: nn.Module, config: QLoRAConfig) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [n for n in names if not _matches(n, config.skip_modules)]
+    return [n for n in names if not matches(n, config.skip_modules)]
 
 
 def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Plan:
