@@ -93,7 +93,9 @@ class AdapterCheckpoint:
             ) from None
 
     @classmethod
-    def read(cls, checkpoint: Mapping[str, Any], source: object = "the checkpoint") -> AdapterCheckpoint | None:
+    def read(
+        cls, checkpoint: Mapping[str, Any], source: object = "the checkpoint"
+    ) -> AdapterCheckpoint | None:
         """The record of a checkpoint dict; None when it has none (not written by a lightning_paged front door)."""
         data = checkpoint.get(CHECKPOINT_KEY)
         if not isinstance(data, Mapping) or "fingerprint" not in data:
@@ -151,7 +153,9 @@ class AdapterCheckpoint:
             raise mismatch_error(differences, advice)
 
 
-def read_directory_weights(directory: Path, stem: str, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_directory_weights(
+    directory: Path, stem: str, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The tensors of ``<stem>.safetensors``, else ``pytorch_<stem>.bin``, of a checkpoint directory.
 
     Accelerate's ``save_state`` names a model's weights so (``model.safetensors``, ``model_1.safetensors``;

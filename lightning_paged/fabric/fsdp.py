@@ -109,7 +109,9 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
                 raise err.located(STRATEGY_WHERE) from None
             self._qlora_modules.append(module)
         else:  # quantized and sharded one block at a time (core/fsdp_load.py)
-            self._convert(module, self.root_device, partial(self._convert_and_shard, mesh=mesh["data_parallel"]))
+            self._convert(
+                module, self.root_device, partial(self._convert_and_shard, mesh=mesh["data_parallel"])
+            )
             self.shard_report = self._prepared[-1][1].shard
         assert self.shard_report is not None
         rank_zero_info(self.shard_report.summary())

@@ -223,7 +223,9 @@ class _QLoRAFabricMixin:
                 self.load_module_state_dict(target, value, strict=strict)
             elif isinstance(target, Optimizer):
                 self._load_optimizer_state(target, value)
-            elif callable(getattr(target, "load_state_dict", None)) and callable(getattr(target, "state_dict", None)):
+            elif callable(getattr(target, "load_state_dict", None)) and callable(
+                getattr(target, "state_dict", None)
+            ):
                 target.load_state_dict(value)
             else:
                 state[key] = value

@@ -47,7 +47,9 @@ def test_the_record_of_a_prepared_model_round_trips_and_names_what_differs():
     record = prepared.checkpoint_record(weights="model")
     again = AdapterCheckpoint.from_dict(record.to_dict())
     assert again == record and again.weights == "model" and again.settings() == FAST
-    other = prepare_model(tiny(), QLoRAConfig(**{**FAST.__dict__, "lora_r": 8}), torch.device("cpu"), model_attr=None)
+    other = prepare_model(
+        tiny(), QLoRAConfig(**{**FAST.__dict__, "lora_r": 8}), torch.device("cpu"), model_attr=None
+    )
     assert other is not None
     assert record.differences(other.fingerprint, where="qlora.") == [
         "another qlora.lora_r (16 in the checkpoint, 8 now)"

@@ -126,7 +126,9 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         assert module is not None and self.model is not None and self.accelerator is not None
         if self._converted is not module:
             self._convert(module, self.root_device, self._convert_and_shard)
-            module.to(self.root_device)  # what the module holds beside its model (FSDPModule._apply keeps shards)
+            module.to(
+                self.root_device
+            )  # what the module holds beside its model (FSDPModule._apply keeps shards)
             assert self.prepared is not None and self.prepared.shard is not None
             self.shard_report = self.prepared.shard
             rank_zero_info(self.shard_report.summary())
