@@ -99,6 +99,38 @@ def test_accelerate_loads_no_lightning_module():
     )
 
 
+def _imports_of(script: Path, blocked: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """The Lightning and package modules that importing ``script`` loads, ``blocked`` made to fail.
+
+    The package's ``__init__`` (which registers the Lightning strategies) is left out, as an
+    Accelerate or Fabric user's own code would reach the modules it imports.
+    """
+    code = (
+        "import runpy, sys, types\n"
+        f"for name in {blocked!r}: sys.modules[name] = None\n"
+        f"package = types.ModuleType('lightning_paged'); package.__path__ = [{str(PACKAGE)!r}]\n"
+        "sys.modules['lightning_paged'] = package\n"
+        f"runpy.run_path({str(script)!r}, run_name='imported')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'lightning' and sys.modules[m] is not None))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('lightning_paged.')))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lightning_modules, package_modules = run.stdout.strip().splitlines()
+    return ast.literal_eval(lightning_modules), ast.literal_eval(package_modules)
+
+
+def test_the_loop_examples_get_their_instruction_data_from_the_core():
+    lightning_modules, package_modules = _imports_of(
+        ROOT / "examples" / "accelerate_qlora.py", ("lightning", "lightning.pytorch", "lightning.fabric")
+    )
+    assert lightning_modules == []
+    assert "lightning_paged.core.instructions" in package_modules
+    _, package_modules = _imports_of(ROOT / "examples" / "fabric_qlora.py", ())
+    assert "lightning_paged.core.instructions" in package_modules
+    assert not any(m.startswith("lightning_paged.lightning") for m in package_modules)
+
+
 def test_no_package_file_is_over_the_size_of_one_concept():
     long = {
         str(path.relative_to(ROOT)): n
