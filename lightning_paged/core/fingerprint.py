@@ -99,7 +99,7 @@ def base_fingerprint(model: nn.Module) -> BaseFingerprint:
 def model_directory(model: nn.Module) -> Path | None:
     """The local directory a transformers model was loaded from, when it still holds weight files."""
     name = getattr(model, "name_or_path", None) or getattr(
-        getattr(model, "config", None), "_name_or_path", None
+        getattr(model, "config", None), "name_or_path", None
     )
     if not name or not isinstance(name, (str, os.PathLike)):
         return None

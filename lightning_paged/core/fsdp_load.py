@@ -28,6 +28,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_paged.core.compat.peft import mark_loaded_in_4bit, unmark_loaded_in_4bit
+from lightning_paged.core.compat.torch import own_buffers
 from lightning_paged.core.deferred import deferred_directory, mark_deferred
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor
@@ -106,7 +108,7 @@ def convert_and_shard(
         rest = [t for t in targets if not any(t.startswith(p + ".") for p in prefixes)]
         if rest:
             _adapt(model, lora, rest, device)
-        model.is_loaded_in_4bit = True  # type: ignore[assignment]
+        mark_loaded_in_4bit(model)
         model.peft_config = {"default": lora}  # type: ignore[assignment]
         _broadcast_trainable(model, mesh)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -139,8 +141,8 @@ def _adapt(module: nn.Module, lora: Any, targets: list[str], device: torch.devic
     if not targets:
         return
     inject_lora(module, replace(lora, target_modules=targets), device)
-    for attribute in ("peft_config", "is_loaded_in_4bit"):  # the model's own, set once on the root
-        module.__dict__.pop(attribute, None)
+    module.__dict__.pop("peft_config", None)  # the model's own, set once on the root
+    unmark_loaded_in_4bit(module)
 
 
 class _Totals:
@@ -204,9 +206,10 @@ class _TensorSource:
         modules = [m for _, m in plain]
         place_non_quantized(self.model, self.config, self.device, modules=modules)
         for module in modules:
-            for name, buffer in list(module._buffers.items()):
+            buffers = own_buffers(module)
+            for name, buffer in list(buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = buffer.to(self.device)
+                    buffers[name] = buffer.to(self.device)
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
         assert isinstance(linear, nn.Linear)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.bitsandbytes import undo_cpu_packing
 from lightning_paged.core.qlora_config import DTYPES, STORAGE_DTYPES, QLoRAConfig
 
 
@@ -176,14 +177,12 @@ def restore_training_layout(layers: Iterable[nn.Module]) -> int:
     in place for fast inference. Training on such a weight fails or silently loses input gradients,
     so any validation or generation on CPU must be followed by this before the next training step.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     restored = 0
     for layer in layers:
         weight: Any = layer.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.data, weight.quant_state = undo_cpu_packing(weight.data, state)
             layer.quant_state = weight.quant_state
             restored += 1
     return restored

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.peft import mark_loaded_in_4bit
 from lightning_paged.core.layers4bit import enable_checkpointing
 from lightning_paged.core.qlora_config import QLoRAConfig
 from lightning_paged.core.selection import peft_target_spec
@@ -64,7 +65,7 @@ def inject_lora(module: nn.Module, lora: Any, device: torch.device) -> None:
     """
     from peft import inject_adapter_in_model
 
-    module.is_loaded_in_4bit = True  # type: ignore[assignment]  # PEFT picks its 4-bit LoRA layer only then
+    mark_loaded_in_4bit(module)  # PEFT picks its 4-bit LoRA layer only then
     inject_adapter_in_model(lora, module)
     for name, param in module.named_parameters():
         is_adapter = "lora_" in name

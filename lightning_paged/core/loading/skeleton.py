@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.torch import own_parameters
 from lightning_paged.core.deferred import DeferredWeights, mark_deferred
 from lightning_paged.core.loading.files import WeightFiles
 from lightning_paged.core.loading.prequantized import check_supported_quantization
@@ -29,7 +30,9 @@ def parameters_on_meta() -> Iterator[None]:
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            own_parameters(module)[name] = nn.Parameter(
+                param.data.to("meta"), requires_grad=param.requires_grad
+            )
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
     try:

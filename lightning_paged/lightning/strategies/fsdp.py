@@ -182,7 +182,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The state one process would hold, gathered on rank zero (every rank takes part)."""
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return gathered_optimizer_state(optimizer)
 
     @property
