@@ -124,7 +124,8 @@ class ExportResult:
     checkpoint: Path
     base_dir: Path | None
     """The base model directory; None when the run built its base from its config."""
-    config: Path
+    config: Path | None
+    """The run's config file; None for a Fabric or Accelerate checkpoint, which has none."""
     merge: MergeReport | None = None
     comparison: LogitComparison | None = None
     stands_in_for: Path | None = None
@@ -189,6 +190,11 @@ def export_run(
         raise ExportError(f"--out {out} already exists; choose another directory or add --overwrite")
     trained = read_trained(Path(run).expanduser(), Path(config).expanduser() if config else None)
     record, saved = trained.record, trained.record.fingerprint
+    if record.peft_config is None:
+        raise ExportError(
+            f"{trained.path} records no LoRA adapter configuration (peft_config): its model was saved "
+            "without adapters, so there is nothing to export"
+        )
     adapter = adapter_from_state_dict(trained.weights, record.peft_config, prefix=record.target_prefix)
 
     module = None

@@ -236,7 +236,10 @@ class _DirectorySource:
     @classmethod
     @contextlib.contextmanager
     def open(cls, model: nn.Module, config: QLoRAConfig, device: torch.device) -> Iterator[_DirectorySource]:
-        with WeightFiles(deferred_directory(model)) as files:
+        directory = deferred_directory(model)
+        if directory is None:
+            raise ValueError(f"{type(model).__name__} holds its weights; it waits for no directory to load them from")
+        with WeightFiles(directory) as files:
             plan = plan_load(model, files, config)  # every check on the files, before anything changes
             yield cls(model, config, device, files, plan)
         mark_deferred(model, None)
