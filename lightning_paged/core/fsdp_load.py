@@ -238,7 +238,9 @@ class _DirectorySource:
     def open(cls, model: nn.Module, config: QLoRAConfig, device: torch.device) -> Iterator[_DirectorySource]:
         directory = deferred_directory(model)
         if directory is None:
-            raise ValueError(f"{type(model).__name__} holds its weights; it waits for no directory to load them from")
+            raise ValueError(
+                f"{type(model).__name__} holds its weights; it waits for no directory to load them from"
+            )
         with WeightFiles(directory) as files:
             plan = plan_load(model, files, config)  # every check on the files, before anything changes
             yield cls(model, config, device, files, plan)
