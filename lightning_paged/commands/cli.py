@@ -36,6 +36,7 @@ from lightning_paged.commands.config_checks import (
     check_config,
     check_val_check_interval,
 )
+from lightning_paged.compat import jsonargparse as jsonargparse_compat
 from lightning_paged.core.errors import BadInput, SettingError, UsageError
 
 PREDICT_LEFT_OUT = (
@@ -75,7 +76,7 @@ class PagedCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            if "Problems parsing config" in str(err):
+            if jsonargparse_compat.PROBLEMS_PARSING_CONFIG in str(err):
                 raise explain_yaml_error(config_files(argv)) or explain_parse_error(err) from err
             raise explain_parse_error(err, known=self._parser_keys(argv)) from err
         except Exception as err:
@@ -90,7 +91,8 @@ class PagedCLI(LightningCLI):
         """The keys of the subcommand's parser (``trainer.max_steps``, ...), for "did you mean"."""
         parsers = getattr(self, "_subcommand_parsers", {})
         parser = next((parsers[a] for a in argv if a in parsers), getattr(self, "parser", None))
-        return [a.dest for a in getattr(parser, "_actions", []) if a.dest and a.dest != "help"]
+        dests = [getattr(a, "dest", None) for a in jsonargparse_compat.parser_actions(parser)]
+        return [d for d in dests if d and d != "help"]
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -118,7 +120,7 @@ class PagedCLI(LightningCLI):
         except MisconfigurationException as err:  # Lightning's own bad-input error (the Trainer's settings)
             raise UsageError(one_line(str(err))) from err
         except Exception as err:
-            if not str(err).startswith("Does not validate against any of the Union subtypes"):
+            if not str(err).startswith(jsonargparse_compat.UNION):
                 raise
             raise explain_parse_error(err, root=instantiating_key(err)) from err
 

@@ -12,11 +12,11 @@ import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import STRATEGY_REGISTRY, ModelParallelStrategy
 from lightning.fabric.utilities.rank_zero import rank_zero_info
-from lightning.fabric.utilities.types import _PATH
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core import fsdp, fsdp_optimizer
 from lightning_paged.core.adapters import adapter_state_dict
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file

@@ -17,12 +17,13 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.fabric.plugins.precision import MixedPrecision, Precision
 from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy, SingleDeviceStrategy
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
-from lightning.fabric.utilities.types import _DEVICE, _PATH
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import Device as _DEVICE
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core.adapter_checkpoint import CHECKPOINT_KEY, AdapterCheckpoint
 from lightning_paged.core.adapters import adapter_state_dict, load_adapter_state_dict
 from lightning_paged.core.devices import check_one_device, chosen_device

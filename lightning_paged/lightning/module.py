@@ -9,6 +9,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_paged.compat import lightning as lightning_compat
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_optimizer import model_parameters
 from lightning_paged.core.loading import deferred_directory, load_unquantized
@@ -125,7 +126,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
             return
         self._warned_unless_qlora = True
         name = type(strategy).__name__
-        start_method = getattr(strategy, "_start_method", None)
+        start_method = lightning_compat.start_method(strategy)
         if start_method not in (None, "popen"):
             name += f" (start_method={start_method!r}: trainer.strategy ddp_{start_method})"
         rank_zero_warn(

@@ -14,10 +14,11 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.compat import lightning as lightning_compat
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core.adapter_checkpoint import CHECKPOINT_KEY, AdapterCheckpoint
 from lightning_paged.core.adapters import check_optimizers, load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
@@ -104,8 +105,7 @@ class QLoRAStrategyMixin:
         A callback with a ``before_cuda_init(device)`` method (the eviction monitor configures its
         CUPTI counters there, as NVIDIA's samples do) gets the root device first.
         """
-        module = getattr(self, "_lightning_module", None)
-        trainer = getattr(module, "_trainer", None)
+        trainer = lightning_compat.attached_trainer(self)
         for callback in getattr(trainer, "callbacks", None) or []:
             hook = getattr(callback, "before_cuda_init", None)
             if callable(hook):

@@ -6,10 +6,10 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import Device as _DEVICE
 from lightning_paged.core.devices import check_one_device, chosen_device
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.strategies.base import PLACES, QLoRAStrategyMixin, qlora_settings
