@@ -7,17 +7,15 @@ Lightning's hooks and reports on rank zero.
 
 from __future__ import annotations
 
+import inspect
+from typing import Any
+
 from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_paged.core.instructions import (
-    ALPACA_INPUT,
-    ALPACA_PROMPT,
-    ROLE_HEADER,
-    InstructionData,
-)
+from lightning_paged.core.instructions import InstructionData
 from lightning_paged.core.packing import IGNORE_INDEX
 from lightning_paged.core.sampling import LengthGroupedBatchSampler
 
@@ -27,38 +25,13 @@ __all__ = ["IGNORE_INDEX", "InstructionDataModule", "LengthGroupedBatchSampler"]
 class InstructionDataModule(InstructionData, LightningDataModule):
     """Alpaca-style or chat instruction data from a local JSON/JSONL file, with response-only labels."""
 
-    def __init__(
-        self,
-        data_path: str,
-        tokenizer: str = "byte",
-        max_length: int = 512,
-        batch_size: int = 8,
-        val_split: int | float = 0.05,
-        group_by_length: bool = False,
-        packing: bool = False,
-        num_workers: int = 0,
-        seed: int = 42,
-        prompt_template: str = ALPACA_PROMPT,
-        input_template: str = ALPACA_INPUT,
-        role_header: str = ROLE_HEADER,
-    ) -> None:
+    def __init__(self, data_path: str, *args: Any, **settings: Any) -> None:
+        """Arguments are :class:`~lightning_paged.core.instructions.InstructionData`'s, typed and documented once there."""
         LightningDataModule.__init__(self)
-        self.save_hyperparameters()
-        InstructionData.__init__(
-            self,
-            data_path,
-            tokenizer,
-            max_length,
-            batch_size,
-            val_split,
-            group_by_length,
-            packing,
-            num_workers,
-            seed,
-            prompt_template,
-            input_template,
-            role_header,
-        )
+        given = inspect.signature(InstructionData.__init__).bind(self, data_path, *args, **settings)
+        given.apply_defaults()
+        self.save_hyperparameters({k: v for k, v in given.arguments.items() if k != "self"})
+        super().__init__(data_path, *args, **settings)
 
     __init__.__doc__ = InstructionData.__init__.__doc__  # one description of the settings, for --help too
 
