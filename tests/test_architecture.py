@@ -225,11 +225,11 @@ def _own(base: ast.expr, classes: set[str]) -> bool:
     return isinstance(base, ast.Call) and isinstance(base.func, ast.Name) and base.func.id == "super"
 
 
-def _foreign_private(node: ast.AST, classes: set[str]) -> bool:
-    """``obj._name`` or ``getattr(obj, "_name", ...)`` with ``obj`` not the project's own."""
-    if isinstance(node, ast.Attribute):
-        return _private(node.attr) and not _own(node.value, classes)
-    return (
+def _private_reach(node: ast.AST) -> tuple[ast.expr, str] | None:
+    """``(obj, "_name")`` for ``obj._name`` or ``getattr(obj, "_name", ...)`` (or set/has/delattr)."""
+    if isinstance(node, ast.Attribute) and _private(node.attr):
+        return node.value, node.attr
+    if (
         isinstance(node, ast.Call)
         and isinstance(node.func, ast.Name)
         and node.func.id in ACCESSORS
@@ -237,8 +237,15 @@ def _foreign_private(node: ast.AST, classes: set[str]) -> bool:
         and isinstance(node.args[1], ast.Constant)
         and isinstance(node.args[1].value, str)
         and _private(node.args[1].value)
-        and not _own(node.args[0], classes)
-    )
+    ):
+        return node.args[0], node.args[1].value
+    return None
+
+
+def _foreign_private(node: ast.AST, classes: set[str]) -> bool:
+    """``obj._name`` or ``getattr(obj, "_name", ...)`` with ``obj`` not the project's own."""
+    reach = _private_reach(node)
+    return reach is not None and not _own(reach[0], classes)
 
 
 def foreign_private_access(path: Path, classes: set[str]) -> list[str]:
@@ -278,19 +285,8 @@ def _self_privates(node: ast.ClassDef) -> set[str]:
     for inner in ast.walk(node):
         if isinstance(inner, ast.FunctionDef | ast.AsyncFunctionDef) and _private(inner.name):
             names.add(inner.name)
-        elif isinstance(inner, ast.Attribute) and _private(inner.attr) and _own(inner.value, set()):
-            names.add(inner.attr)
-        elif (
-            isinstance(inner, ast.Call)
-            and isinstance(inner.func, ast.Name)
-            and inner.func.id in ACCESSORS
-            and len(inner.args) > 1
-            and isinstance(inner.args[0], ast.Name)
-            and inner.args[0].id == "self"
-            and isinstance(inner.args[1], ast.Constant)
-            and _private(str(inner.args[1].value))
-        ):
-            names.add(str(inner.args[1].value))
+        elif (reach := _private_reach(inner)) is not None and _own(reach[0], set()):
+            names.add(reach[1])
     return names
 
 
