@@ -13,7 +13,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_INDEX ?=
 BIN := $(VENV)/bin
 
-.PHONY: setup run test lint typecheck docs pytest bench clean
+.PHONY: setup run test lint typecheck docs pytest test-lowest bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,20 @@ pytest: setup
 
 test: lint typecheck docs pytest
 
+# The lowest supported versions (.ci/lowest.txt, torch $(LOWEST_TORCH) CPU) in their own venv, on
+# the tests that need no multi-process launch. Not part of `make test`: it downloads about 1 GB.
+LOWEST_VENV ?= .venv-lowest
+LOWEST_TORCH ?= 2.6.0
+LOWEST_TESTS ?= tests/core tests/compat tests/test_architecture.py tests/lightning/test_strategies.py
+
+test-lowest:
+	test -x $(LOWEST_VENV)/bin/python || $(PYTHON) -m venv $(LOWEST_VENV)
+	$(LOWEST_VENV)/bin/pip install --disable-pip-version-check -q "torch==$(LOWEST_TORCH)" \
+		--index-url $(or $(TORCH_INDEX),https://download.pytorch.org/whl/cpu)
+	$(LOWEST_VENV)/bin/pip install --disable-pip-version-check -q -c .ci/lowest.txt -e ".[dev]"
+	$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider -m "not slow and not requires_cuda" \
+		-k "not read_from_is_the_installed_version" $(LOWEST_TESTS)
+
 bench: setup
 	$(BIN)/python bench/strategy_overhead.py
 	$(BIN)/python bench/vs_transformers_trainer.py
@@ -56,4 +70,4 @@ bench: setup
 	$(BIN)/python bench/paging_coverage.py
 
 clean:
-	rm -rf $(VENV) build site .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(LOWEST_VENV) build site .pytest_cache .mypy_cache .ruff_cache

@@ -25,11 +25,11 @@ from accelerate import Accelerator
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from lightning_paged.accelerate import accelerate_eviction_monitor, prepare_paged_qlora
+from lightning_paged.core.instructions import InstructionData
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.paging import paging_coverage
 from lightning_paged.core.qlora import QLoRAConfig
 from lightning_paged.core.tokenizer import ByteTokenizer
-from lightning_paged.lightning.data import InstructionDataModule
 
 DATA = Path(__file__).with_name("data") / "instructions.jsonl"
 
@@ -88,11 +88,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     set_seed(args.seed)
     on_cpu = accelerator.device.type == "cpu"
 
-    data = InstructionDataModule(
+    data = InstructionData(
         args.data, tokenizer="byte", max_length=args.max_length, batch_size=args.batch_size, val_split=0
     )
-    data.setup("fit")
-    loader = accelerator.prepare(data.train_dataloader())
+    data.load()
+    loader = accelerator.prepare(data.train_loader())
 
     # float32 matmuls are faster than bfloat16 on most CPUs; activation checkpointing pays off on a GPU only
     qlora = QLoRAConfig(

@@ -24,6 +24,7 @@ import torch
 from lightning.fabric import Fabric
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from lightning_paged.core.instructions import InstructionData
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.paging import paging_coverage
 from lightning_paged.core.qlora import QLoRAConfig
@@ -34,7 +35,6 @@ from lightning_paged.fabric import (
     build_paged_optimizer,
     fabric_eviction_monitor,
 )
-from lightning_paged.lightning.data import InstructionDataModule
 
 DATA = Path(__file__).with_name("data") / "instructions.jsonl"
 
@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fabric.launch()
     fabric.seed_everything(args.seed)
 
-    data = InstructionDataModule(
+    data = InstructionData(
         args.data, tokenizer="byte", max_length=args.max_length, batch_size=args.batch_size, val_split=0
     )
-    data.setup("fit")
-    loader = fabric.setup_dataloaders(data.train_dataloader())
+    data.load()
+    loader = fabric.setup_dataloaders(data.train_loader())
 
     model = fabric.setup_module(tiny_llama(len(ByteTokenizer()), args.max_length))  # converted here
     settings = OptimizerConfig(

@@ -1,5 +1,6 @@
 """lightning_paged: NF4 QLoRA, paged optimizers and unified-memory eviction monitoring for Lightning."""
 
+from lightning_paged.commands.resume_check import last_checkpoint
 from lightning_paged.core.atomic import CheckpointReadError
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.recorder import EvictionRecorder
@@ -18,7 +19,6 @@ from lightning_paged.lightning.data import InstructionDataModule
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.module import CausalLMModule
 from lightning_paged.lightning.monitor import EvictionMonitor
-from lightning_paged.lightning.resume_check import last_checkpoint
 from lightning_paged.lightning.strategies import (
     PagedQLoRADDPStrategy,
     PagedQLoRAFSDPStrategy,

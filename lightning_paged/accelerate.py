@@ -26,6 +26,7 @@ framework-free ones of :mod:`lightning_paged.core`, which :mod:`lightning_paged.
 from __future__ import annotations
 
 import os
+import warnings
 import weakref
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,19 +36,33 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from lightning_paged.core.adapter_checkpoint import RECORD_FILE, AdapterCheckpoint, read_directory_weights
 from lightning_paged.core.adapters import load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.loop import LoopEvictionMonitor
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.paged_optimizer import build_paged_optimizer, optimizer_config
 from lightning_paged.core.paging import ManagedMemory
-from lightning_paged.core.qlora import QLoRAConfig, convert_model, is_qlora, qlora_config
+from lightning_paged.core.prepare import Prepared, prepare_model
+from lightning_paged.core.qlora import QLoRAConfig, is_qlora, qlora_config
+from lightning_paged.core.settings import SettingPlaces
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
 
+PLACES = SettingPlaces(
+    qlora="qlora.",
+    strategy="",
+    optimizer="optimizer.",
+    precision="mixed_precision",
+    devices="num_processes",
+)
+"""Where an Accelerate user's settings live: :func:`prepare_paged_qlora`'s ``qlora`` and ``optimizer``
+arguments (``qlora.lora_r``, ``optimizer.lr``) and its own arguments (``model_attr``)."""
 _UNSUPPORTED = ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA")
 _hooked: weakref.WeakSet[Any] = weakref.WeakSet()
+_prepared: weakref.WeakKeyDictionary[nn.Module, Prepared] = weakref.WeakKeyDictionary()
+"""What the conversion of each model :func:`prepare_paged_qlora` converted took (fingerprint, adapter place)."""
 
 
 class PreparedQLoRA(NamedTuple):
@@ -86,8 +101,11 @@ def prepare_paged_qlora(
         memory: Replaces the unified-memory primitives of the paging policy (CPU tests).
 
     ``accelerator.save_state`` then writes only the trainable weights of the model (and the
-    optimizer state, which covers only them); ``accelerator.load_state`` loads them into a
-    converted model, refusing a checkpoint written with other LoRA settings.
+    optimizer state, which covers only them) and, beside them, the record of the base model and
+    settings they were trained on (``lightning_paged.json``); ``accelerator.load_state`` refuses a
+    checkpoint of another base model or other QLoRA settings, naming what differs, before it loads
+    anything. ``lightning-paged export STATE_DIR --out DIR`` turns such a directory into a PEFT
+    adapter (or, with ``--merge``, a merged model).
     """
     kind = str(getattr(accelerator.distributed_type, "value", accelerator.distributed_type))
     if kind.upper() in _UNSUPPORTED:
@@ -104,11 +122,12 @@ def prepare_paged_qlora(
             "must be an OptimizerConfig (or a dict of its fields), not an optimizer: one built before the "
             "conversion holds the replaced base weights and none of the LoRA adapters",
         )
-    settings = qlora_config(qlora)
-    opt_settings = optimizer_config(optimizer)
-    report = convert_model(model, settings, accelerator.device, model_attr)
-    if report is not None:
-        accelerator.print(report.summary())
+    settings = qlora_config(qlora, PLACES.qlora)
+    opt_settings = optimizer_config(optimizer, PLACES.optimizer)
+    prepared = prepare_model(model, settings, accelerator.device, model_attr=model_attr, where=PLACES.qlora)
+    if prepared is not None:
+        _prepared[model] = prepared
+        accelerator.print(prepared.report.summary())
     per_step = accelerator.num_processes if _scheduler_steps_per_process(accelerator) else 1
     built, scheduler = build_paged_optimizer(
         model,
@@ -137,25 +156,49 @@ def register_adapter_checkpoint_hooks(accelerator: Accelerator) -> None:
 
 
 def _save_adapters_only(models: list[nn.Module], weights: list[dict[str, Any]], output_dir: str) -> None:
-    """Accelerate's save pre-hook: drop everything but the trainable weights from converted models."""
+    """Accelerate's save pre-hook: only the trainable weights of converted models, and their record beside them."""
     for index, model in enumerate(models[: len(weights)]):
         if is_qlora(model):
             trainable = {name for name, p in model.named_parameters() if p.requires_grad}
             weights[index] = {k: v for k, v in weights[index].items() if k in trainable}
+            prepared = _prepared.get(_unwrapped(model))
+            if prepared is not None:
+                record = prepared.checkpoint_record(weights=_weights_stem(index))
+                record.write_file(Path(output_dir), _record_name(index))
 
 
 def _load_adapters_only(models: list[nn.Module], input_dir: str) -> None:
-    """Accelerate's load pre-hook: load every model's weights here and take them off Accelerate's list.
+    """Accelerate's load pre-hook: check each converted model's record, then load every model's weights here.
 
     Accelerate would load strictly and fail on the missing base weights. All models are loaded here
-    (not only converted ones) so each keeps the file of its own index.
+    (not only converted ones) so each keeps the file of its own index; nothing is loaded before
+    every record is checked.
     """
     if not any(is_qlora(model) for model in models):
         return
+    directory = Path(input_dir)
+    for index, model in enumerate(models):
+        prepared = _prepared.get(_unwrapped(model))
+        if prepared is None:
+            continue
+        record = AdapterCheckpoint.read_file(directory, _record_name(index))
+        if record is None:
+            warnings.warn(
+                f"{directory} carries no base-model fingerprint ({_record_name(index)}; it was not written by "
+                "prepare_paged_qlora's hooks): whether it was trained on this base model and settings cannot be "
+                "checked.",
+                stacklevel=2,
+            )
+            continue
+        record.check(
+            prepared.fingerprint,
+            f"Load it with the base model and {PLACES.qlora[:-1]} settings of the run that wrote it.",
+            where=PLACES.qlora,
+        )
     for index, model in enumerate(models):
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        state = _read_weights(Path(input_dir), index, device)
+        state = read_directory_weights(directory, _weights_stem(index), device)
         if is_qlora(model):
             load_adapter_state_dict(model, state)
         else:
@@ -163,21 +206,20 @@ def _load_adapters_only(models: list[nn.Module], input_dir: str) -> None:
     models.clear()
 
 
-def _read_weights(directory: Path, index: int, device: torch.device) -> dict[str, torch.Tensor]:
-    from accelerate.utils import SAFE_WEIGHTS_NAME, WEIGHTS_NAME
+def _unwrapped(model: nn.Module) -> nn.Module:
+    inner = getattr(model, "module", None)  # DistributedDataParallel's
+    return inner if isinstance(inner, nn.Module) else model
 
-    suffix = f"_{index}" if index else ""
-    safe = directory / SAFE_WEIGHTS_NAME.replace(".", f"{suffix}.")
-    if safe.exists():
-        from safetensors.torch import load_file
 
-        return load_file(safe, device=str(device))
-    pickled = directory / WEIGHTS_NAME.replace(".", f"{suffix}.")
-    if not pickled.exists():
-        raise FileNotFoundError(
-            f"{directory} holds no weights of model {index} ({safe.name} or {pickled.name})"
-        )
-    return torch.load(pickled, map_location=device, weights_only=True)
+def _weights_stem(index: int) -> str:
+    """The stem of model ``index``'s weight file in a ``save_state`` directory (``model``, ``model_1``)."""
+    return f"model_{index}" if index else "model"
+
+
+def _record_name(index: int) -> str:
+    """The record file of model ``index`` (``lightning_paged.json``, ``lightning_paged_1.json``)."""
+    stem, dot, suffix = RECORD_FILE.rpartition(".")
+    return f"{stem}_{index}{dot}{suffix}" if index else RECORD_FILE
 
 
 def accelerate_eviction_monitor(

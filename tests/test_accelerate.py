@@ -104,7 +104,7 @@ def test_state_from_other_lora_settings_is_refused(tmp_path):
     accelerator, _ = prepare(QLoRAConfig(lora_r=8))
     accelerator.save_state(str(tmp_path))
     accelerator, _ = prepare(QLoRAConfig(lora_r=4))
-    with pytest.raises(RuntimeError, match="another lora_r"):
+    with pytest.raises(RuntimeError, match=r"another qlora\.lora_r \(8 in the checkpoint, 4 now\)"):
         accelerator.load_state(str(tmp_path))
     accelerator, _ = prepare(QLoRAConfig(target_modules=["q_proj", "v_proj"]))
     with pytest.raises(RuntimeError, match="does not fit this model"):
@@ -160,3 +160,51 @@ def test_accelerate_and_fabric_examples_train_identically(example_run, tmp_path)
     assert set(fabric_adapters) == set(accelerate_adapters)
     for name, param in accelerate_adapters.items():
         torch.testing.assert_close(param, fabric_adapters[name], msg=name)
+
+
+def test_a_saved_state_carries_the_record_refuses_another_base_and_exports(
+    tmp_path, capsys, private_hash_cache
+):
+    from lightning_paged.commands.export import main as export_main
+    from lightning_paged.core.adapter_checkpoint import RECORD_FILE, AdapterCheckpoint
+    from lightning_paged.core.fingerprint import CheckpointMismatchError
+    from lightning_paged.core.loading import empty_model
+
+    def saved_model(directory, seed: int):
+        torch.manual_seed(seed)
+        LlamaForCausalLM(tiny_llama_config()).save_pretrained(directory)
+        return directory
+
+    def prepared_on(base):
+        accelerator = accelerate.Accelerator(cpu=True)
+        return accelerator, prepare_paged_qlora(accelerator, empty_model(base), FAST, {"lr": 1e-2})
+
+    base, other = saved_model(tmp_path / "base", 0), saved_model(tmp_path / "other", 1)
+    accelerator, prepared = prepared_on(base)
+    train(accelerator, prepared, batches(1))
+    state = tmp_path / "state"
+    accelerator.save_state(str(state))
+    record = AdapterCheckpoint.read_file(state)
+    assert record is not None and (state / RECORD_FILE).is_file()
+    assert record.weights == "model" and record.fingerprint.base.source == str(base.resolve())
+
+    # The same base loads; another one is refused before anything is loaded, naming it.
+    accelerator, again = prepared_on(base)
+    accelerator.load_state(str(state))
+    torch.testing.assert_close(adapters(again.model), adapters(prepared.model), rtol=0, atol=0)
+    accelerator, wrong = prepared_on(other)
+    before = {n: p.detach().clone() for n, p in adapters(wrong.model).items()}
+    with pytest.raises(
+        CheckpointMismatchError, match=r"another base model \(in the checkpoint: loaded from .*base"
+    ):
+        accelerator.load_state(str(state))
+    assert all(torch.equal(before[n], p) for n, p in adapters(wrong.model).items())
+
+    # export reads the state directory as it reads a Lightning run.
+    out = tmp_path / "adapter"
+    assert export_main([str(state), "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    capsys.readouterr()
+    assert export_main([str(state), "--out", str(tmp_path / "refused"), "--base", str(other)]) == 2
+    assert "does not fit this base model: it was written with another base model" in capsys.readouterr().err
+    assert not (tmp_path / "refused").exists()

@@ -4,12 +4,15 @@ Every subcommand runs through :func:`run_command`. An error the project knows as
 printed as ``lightning-paged: error: <one line>`` (and at most a short hint on the next line), and
 the command exits with :data:`USAGE_EXIT_CODE`:
 
-- :class:`~lightning_paged.core.errors.SettingError`, with the setting spelled as on the command line
-  (``model.init_args.max_length``, ``trainer.strategy.init_args.lora_r``) whichever layer raised it;
-- a checkpoint that cannot be read or does not fit, an export or report refusal;
-- jsonargparse's parse and instantiation errors, YAML syntax errors and interpolations to a missing
-  key, which :mod:`lightning_paged.lightning.cli_errors` turns into one line where the
-  LightningCLI raises them.
+- any :class:`~lightning_paged.core.errors.BadInput`, the base class of every bad-input error of the
+  project (a checkpoint that cannot be read or does not fit, weights that cannot be loaded, an
+  export or report refusal); a :class:`~lightning_paged.core.errors.SettingError` with the setting
+  spelled as on the command line (``model.init_args.max_length``,
+  ``trainer.strategy.init_args.lora_r``) whichever layer raised it;
+- jsonargparse's parse and instantiation errors, YAML syntax errors, interpolations to a missing
+  key and Lightning's ``MisconfigurationException``, which the LightningCLI
+  (:mod:`lightning_paged.commands.cli`, with :mod:`lightning_paged.commands.cli_errors`) turns
+  into a :class:`~lightning_paged.core.errors.UsageError` where it raises them.
 
 Anything else is a bug and keeps its traceback. ``--traceback`` anywhere on the command line, or
 ``LIGHTNING_PAGED_TRACEBACK=1`` in the environment, shows the full trace of a bad input too.
@@ -21,14 +24,8 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from lightning_paged.core.errors import SettingError, UsageError
-from lightning_paged.lightning.cli_errors import (
-    explain_interpolation_error,
-    explain_parse_error,
-    is_parse_error,
-    locate_setting_error,
-    one_line,
-)
+from lightning_paged.commands.cli_errors import locate_setting_error, one_line
+from lightning_paged.core.errors import BadInput, SettingError, UsageError
 
 PROG = "lightning-paged"
 USAGE_EXIT_CODE = 2
@@ -59,34 +56,11 @@ def run_command(command: Callable[[list[str]], int], argv: Sequence[str], prog: 
 
 
 def as_usage_error(err: BaseException) -> UsageError | None:
-    """The one-line account of a bad input; None for anything else (a bug, whose trace must show)."""
-    if isinstance(err, UsageError):
-        return err
+    """The one-line account of a bad input (a :class:`~lightning_paged.core.errors.BadInput`); None for a bug."""
     if isinstance(err, SettingError):
         return UsageError(one_line(str(locate_setting_error(err))))
-    if isinstance(err, _bad_input_types()):
+    if isinstance(err, UsageError):
+        return err
+    if isinstance(err, BadInput):
         return UsageError(one_line(str(err)))
-    if is_parse_error(err):
-        return explain_parse_error(err)
-    if type(err).__module__.startswith("omegaconf"):
-        return explain_interpolation_error(err)
     return None
-
-
-def _bad_input_types() -> tuple[type[BaseException], ...]:
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-    from lightning_paged.core.atomic import CheckpointReadError
-    from lightning_paged.core.export import ExportError
-    from lightning_paged.core.fingerprint import CheckpointMismatchError
-    from lightning_paged.core.loading import WeightLoadError
-    from lightning_paged.core.plot import ReportError
-
-    return (
-        CheckpointReadError,
-        CheckpointMismatchError,
-        ExportError,
-        ReportError,
-        WeightLoadError,
-        MisconfigurationException,
-    )

@@ -19,13 +19,14 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint, staged_directory
+from lightning_paged.commands.errors import run_command
+from lightning_paged.commands.trained import Trained, read_trained
+from lightning_paged.core.atomic import staged_directory
 from lightning_paged.core.compare import LogitComparison, compare_logits
-from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import (
     DEFAULT_MAX_SHARD_SIZE,
     Adapter,
@@ -36,22 +37,11 @@ from lightning_paged.core.export import (
     save_adapter,
 )
 from lightning_paged.core.export_4bit import check_quantizes_to, is_prequantized
-from lightning_paged.core.fingerprint import BaseFingerprint, Fingerprint, tensors_fingerprint
-from lightning_paged.core.qlora import convert_to_qlora, qlora_config_from_init_args, select_target
-from lightning_paged.core.run_checks import (
-    check_base,
-    check_settings,
-    files_fingerprint_with_bar,
-    find_base_dir,
-)
+from lightning_paged.core.fingerprint import BaseFingerprint, tensors_fingerprint
+from lightning_paged.core.loading import empty_model
+from lightning_paged.core.qlora import convert_to_qlora
+from lightning_paged.core.run_checks import check_base, files_fingerprint_with_bar, find_base_dir
 from lightning_paged.core.units import parse_size
-from lightning_paged.lightning.run_config import (
-    build_module,
-    locate_run,
-    read_run_config,
-    strategy_qlora_settings,
-)
-from lightning_paged.lightning.strategies.base import SETTING_PREFIX
 
 PROG = "lightning-paged export"
 
@@ -102,27 +92,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of ``lightning-paged export``; returns the exit code."""
+    """Entry point of ``lightning-paged export``; returns the exit code (2 for a bad input, told in one line)."""
+    return run_command(_export, list(sys.argv[1:] if argv is None else argv), prog=PROG)
+
+
+def _export(argv: list[str]) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
-    try:
-        max_shard_size = parse_size(args.max_shard_size, "--max-shard-size")
-        result = export_run(
-            args.run,
-            args.out,
-            merge=args.merge,
-            base=args.base,
-            overwrite=args.overwrite,
-            config=args.config,
-            max_shard_size=max_shard_size,
-            compare=not args.no_compare,
-        )
-    except (ExportError, CheckpointReadError, SettingError, FileNotFoundError) as err:
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return 2
+    result = export_run(
+        args.run,
+        args.out,
+        merge=args.merge,
+        base=args.base,
+        overwrite=args.overwrite,
+        config=args.config,
+        max_shard_size=parse_size(args.max_shard_size, "--max-shard-size"),
+        compare=not args.no_compare,
+    )
     print(result.summary())
     return 0
 
@@ -135,7 +124,8 @@ class ExportResult:
     checkpoint: Path
     base_dir: Path | None
     """The base model directory; None when the run built its base from its config."""
-    config: Path
+    config: Path | None
+    """The run's config file; None for a Fabric or Accelerate checkpoint, which has none."""
     merge: MergeReport | None = None
     comparison: LogitComparison | None = None
     stands_in_for: Path | None = None
@@ -190,63 +180,62 @@ def export_run(
     compare: bool = True,
     progress: bool = True,
 ) -> ExportResult:
-    """Check a run's checkpoint against its base model and settings, then export or merge its adapter."""
+    """Check a checkpoint against its base model and settings, then export or merge its adapter.
+
+    ``run`` is a LightningCLI run directory or checkpoint, a ``fabric.save`` checkpoint or an
+    ``accelerator.save_state`` directory (see :mod:`lightning_paged.commands.trained`).
+    """
     out = Path(out).expanduser()
     if out.exists() and not overwrite:
         raise ExportError(f"--out {out} already exists; choose another directory or add --overwrite")
-    checkpoint_path, config_path = locate_run(
-        Path(run).expanduser(), Path(config).expanduser() if config else None
-    )
-    # The run's own file: its hyper-parameters may hold config objects the weights-only loader refuses.
-    checkpoint = read_checkpoint(checkpoint_path, weights_only=False)
-    meta = checkpoint.get("lightning_paged")
-    if not isinstance(meta, dict) or "fingerprint" not in meta or "state_dict" not in checkpoint:
+    trained = read_trained(Path(run).expanduser(), Path(config).expanduser() if config else None)
+    record, saved = trained.record, trained.record.fingerprint
+    if record.peft_config is None:
         raise ExportError(
-            f"checkpoint {checkpoint_path} was not written by a lightning_paged QLoRA strategy (it carries no "
-            "base-model fingerprint); export needs a checkpoint of a paged_qlora, paged_qlora_ddp or paged_qlora_fsdp run"
+            f"{trained.path} records no LoRA adapter configuration (peft_config): its model was saved "
+            "without adapters, so there is nothing to export"
         )
-    run_config = read_run_config(config_path)
-    saved = Fingerprint.from_dict(meta["fingerprint"])
-    settings = strategy_qlora_settings(run_config)
-    if settings is None:
-        strategy = (run_config.get("trainer") or {}).get("strategy")
-        raise ExportError(
-            f"{config_path} is not the config of a QLoRA run (trainer.strategy is {strategy!r}), but "
-            f"{checkpoint_path} was written by one: they belong to different runs; give the checkpoint's own run"
-        )
-    check_settings(saved, settings, checkpoint_path, config_path, SETTING_PREFIX)
-    adapter = adapter_from_state_dict(
-        checkpoint["state_dict"], meta["peft_config"], prefix=meta["target_prefix"]
-    )
+    adapter = adapter_from_state_dict(trained.weights, record.peft_config, prefix=record.target_prefix)
 
     module = None
     stands_in_for, layers_checked = None, 0
+    base_dir: Path | None
     if saved.base.kind == "files":
-        configured = ((run_config.get("model") or {}).get("init_args") or {}).get("model_name_or_path")
-        base_dir = find_base_dir(saved.base, configured, base)
+        base_dir = find_base_dir(saved.base, trained.configured_base, base)
         current = files_fingerprint_with_bar(base_dir, progress)
         if base is not None and current.sha256 != saved.base.sha256:
             stands_in_for, layers_checked = _check_stand_in(
-                saved.base, configured, base_dir, current, checkpoint_path, progress
+                saved.base, trained.configured_base, base_dir, current, trained.path, progress
             )
         else:
-            check_base(saved.base, current, checkpoint_path, "here")
-    else:
+            check_base(saved.base, current, trained.path, "here")
+    elif trained.config_path is not None:  # built from the run's config: rebuilt from it
         if base is not None:
             raise ExportError(
                 "--base is for runs that load their base model from a directory; this run built it from its "
-                f"config ({saved.base.source}) and export rebuilds it from {config_path}"
+                f"config ({saved.base.source}) and export rebuilds it from {trained.config_path}"
             )
         base_dir = None
-        module = build_module(run_config)
-        current = tensors_fingerprint(_target(module, meta))
-        check_base(saved.base, current, checkpoint_path, f"rebuilt from {config_path.name}")
+        module = trained.module()
+        current = tensors_fingerprint(trained.target(module))
+        check_base(saved.base, current, trained.path, f"rebuilt from {trained.config_path.name}")
+    else:  # built in a script: --base is the directory it was saved to, checked to hold the same tensors
+        if base is None:
+            raise ExportError(
+                f"{trained.path} was trained on a model built in a script ({saved.base.source}), which export "
+                "cannot rebuild: give --base with the directory that model was saved to (save_pretrained); "
+                "it is checked to hold the same weights"
+            )
+        base_dir = find_base_dir(saved.base, None, base)
+        module = load_base(base_dir)
+        current = tensors_fingerprint(module)
+        check_base(saved.base, current, trained.path, f"loaded from --base {base_dir}")
 
     result = ExportResult(
         out=out,
-        checkpoint=checkpoint_path,
+        checkpoint=trained.path,
         base_dir=base_dir,
-        config=config_path,
+        config=trained.config_path,
         stands_in_for=stands_in_for,
         layers_checked=layers_checked,
     )
@@ -254,12 +243,11 @@ def export_run(
         with staged_directory(out, overwrite) as staging:
             if not merge:
                 base_name = str(base_dir) if base_dir else None
-                save_adapter(adapter, staging, base_name, task_type=meta.get("task_type"))
+                save_adapter(adapter, staging, base_name, task_type=record.task_type)
             else:
                 result.merge, result.comparison = _merge(
                     adapter,
-                    checkpoint,
-                    run_config,
+                    trained,
                     base_dir,
                     stands_in_for or base_dir,
                     module,
@@ -277,8 +265,7 @@ def export_run(
 
 def _merge(
     adapter: Adapter,
-    checkpoint: dict[str, Any],
-    run_config: dict[str, Any],
+    trained: Trained,
     base_dir: Path | None,
     trained_base: Path | None,
     module: Any,
@@ -287,10 +274,9 @@ def _merge(
     compare: bool,
     progress: bool,
 ) -> tuple[MergeReport, LogitComparison | None]:
-    meta = checkpoint["lightning_paged"]
     model_dir = staging / "model"
     if base_dir is None:  # built from a config: write its 16-bit weights first, then merge from them
-        target = _target(module, meta)
+        target = trained.target(module)
         if not hasattr(target, "save_pretrained"):
             raise ExportError(
                 f"--merge needs a transformers model; the run's model is a {type(target).__name__}"
@@ -301,7 +287,7 @@ def _merge(
     trained_base = (
         trained_base or base_dir
     )  # the model as trained: a base built from the config was saved there
-    comparison = _compare(checkpoint, run_config, trained_base, module, model_dir) if compare else None
+    comparison = _compare(trained, trained_base, module, model_dir) if compare else None
     if (staging / "base").exists():
         shutil.rmtree(staging / "base")
     for item in model_dir.iterdir():
@@ -310,23 +296,17 @@ def _merge(
     return report, comparison
 
 
-def _compare(
-    checkpoint: dict[str, Any], run_config: dict[str, Any], base_dir: Path, module: Any, merged_dir: Path
-) -> LogitComparison:
+def _compare(trained: Trained, base_dir: Path, module: Any, merged_dir: Path) -> LogitComparison:
     """The merged model against the model as trained: the 4-bit base, quantized as in training, + adapter."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    meta = checkpoint["lightning_paged"]
     if module is None:
-        module = build_module(run_config, model_name_or_path=base_dir)
-    target = _target(module, meta)
-    settings = qlora_config_from_init_args(
-        {**meta["qlora"], "gradient_checkpointing": False}, "checkpoint qlora."
-    )
-    convert_to_qlora(target, settings, device="cpu")
-    prefix = meta["target_prefix"]
-    state = {k.removeprefix(prefix): v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
+        module = trained.module(model_name_or_path=base_dir) if trained.run_config else empty_model(base_dir)
+    target = trained.target(module)
+    convert_to_qlora(target, replace(trained.settings, gradient_checkpointing=False), device="cpu")
+    prefix = trained.record.target_prefix
+    state = {k.removeprefix(prefix): v for k, v in trained.weights.items() if k.startswith(prefix)}
     loaded = target.load_state_dict(state, strict=False)
     mismatched = loaded.unexpected_keys + [k for k in loaded.missing_keys if ".lora_" in k]
     if mismatched:
@@ -335,6 +315,13 @@ def _compare(
         )
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True)
     return compare_logits(merged, target, vocab_size=merged.config.vocab_size)
+
+
+def load_base(directory: Path) -> Any:
+    """The causal LM saved in ``directory``, with its weights in the dtype they were saved in."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(directory), dtype="auto", local_files_only=True)
 
 
 def _check_stand_in(
@@ -360,7 +347,3 @@ def _check_stand_in(
     assert trained is not None
     check_base(saved, files_fingerprint_with_bar(trained, progress), checkpoint, "here")
     return trained, check_quantizes_to(base_dir, trained, progress)
-
-
-def _target(module: Any, meta: dict[str, Any]) -> Any:
-    return select_target(module, meta.get("model_attr", "auto"))

@@ -1,6 +1,6 @@
 """The ``lightning-paged`` command: LightningCLI for fit/validate/test, plus report and export.
 
-``lightning-paged fit ...`` (and validate, test) run :mod:`lightning_paged.lightning.cli`;
+``lightning-paged fit ...`` (and validate, test) run :mod:`lightning_paged.commands.cli`;
 ``report`` and ``export`` are the commands of :mod:`lightning_paged.commands.report` and
 :mod:`lightning_paged.commands.export`. ``python -m lightning_paged`` is the same command.
 """
@@ -38,8 +38,8 @@ def _dispatch(argv: list[str], from_console: bool) -> int:
         from lightning_paged.commands import export
 
         return export.main(argv[1:])
+    from lightning_paged.commands.cli import DESCRIPTION, PREDICT_LEFT_OUT, cli_main
     from lightning_paged.core.errors import UsageError
-    from lightning_paged.lightning.cli import DESCRIPTION, PREDICT_LEFT_OUT, cli_main
 
     if argv and argv[0] == "predict":
         raise UsageError(PREDICT_LEFT_OUT)

@@ -10,12 +10,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from lightning_paged.core.plot import PLOT_SUFFIXES, ReportError, report
+from lightning_paged.commands.errors import run_command
+from lightning_paged.core.plot import PLOT_SUFFIXES, report
+
+PROG = "lightning-paged report"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lightning-paged report",
+        prog=PROG,
         description="Plot an EvictionMonitor event log (sequence length, evicted bytes, step time) "
         "and print its summary.",
     )
@@ -34,13 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the report; returns the process exit code (0 on success, 2 on bad input)."""
+    """Run the report; returns the process exit code (0 on success, 2 on bad input, told in one line)."""
+    return run_command(_report, list(sys.argv[1:] if argv is None else argv), prog=PROG)
+
+
+def _report(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report(Path(args.log), Path(args.out) if args.out else None, args.run, args.top)
-    except ReportError as err:
-        print(f"lightning-paged report: error: {err}", file=sys.stderr)
-        return 2
+    report(Path(args.log), Path(args.out) if args.out else None, args.run, args.top)
     return 0
 
 

@@ -21,12 +21,14 @@ from typing import IO, Any
 
 import torch
 
+from lightning_paged.core.errors import BadInput, MissingFileError
+
 PARTIAL_SUFFIX = ".partial"
 _PARTIAL = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.partial$")
 """The temporary files :func:`atomic_write` makes: ``.<target name>.<8 random characters>.partial``."""
 
 
-class CheckpointReadError(RuntimeError):
+class CheckpointReadError(BadInput, RuntimeError):
     """A checkpoint file exists but cannot be read (truncated, corrupt, or not a checkpoint)."""
 
 
@@ -87,7 +89,7 @@ def read_checkpoint(
     path = Path(path)
     if not path.is_file():
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
-        raise FileNotFoundError(f"Checkpoint {path} {problem}")
+        raise MissingFileError(f"Checkpoint {path} {problem}")
     size = path.stat().st_size
     if size == 0:
         raise CheckpointReadError(f"Checkpoint {path} is empty (0 bytes): it was never completely written")

@@ -1,9 +1,21 @@
-"""The one error type for bad settings: it names the setting the user wrote and what to do."""
+"""The project's bad-input errors: one base class, :class:`BadInput`, that every one of them subclasses.
+
+A :class:`BadInput` means "what you gave cannot be used": a setting, a file, a checkpoint. Its
+message names the setting or file as the user wrote it and says what to do. The
+``lightning-paged`` command prints any of them as one line with exit code 2
+(:mod:`lightning_paged.commands.errors` catches the base class, once); any other exception is a
+bug and keeps its traceback. Each subclass also derives from the built-in error a caller would
+expect (``ValueError`` for a value, ``FileNotFoundError`` for a missing file).
+"""
 
 from __future__ import annotations
 
 
-class SettingError(ValueError):
+class BadInput(Exception):
+    """Something the user gave cannot be used; the message says what and what to do."""
+
+
+class SettingError(BadInput, ValueError):
     """A setting has a value the project cannot use.
 
     ``setting`` is the name as the user wrote it; adapters (the strategy, the CLI) prefix it with
@@ -22,7 +34,7 @@ class SettingError(ValueError):
         return SettingError(self.setting, self.value, self.problem, where=where)
 
 
-class UsageError(Exception):
+class UsageError(BadInput):
     """A bad input told as the user should read it: a one-line ``message`` and an optional short ``hint``.
 
     The commands print it as ``lightning-paged: error: <message>`` and exit with code 2.
@@ -32,3 +44,11 @@ class UsageError(Exception):
         super().__init__(message)
         self.message = message
         self.hint = hint
+
+
+class MissingFileError(BadInput, FileNotFoundError):
+    """A file or directory the user named does not exist (or holds nothing of what it should)."""
+
+
+class ExportError(BadInput, ValueError):
+    """An export or merge cannot be done; the message says why and what to do."""

@@ -20,13 +20,33 @@ import math
 import os
 import shutil
 import struct
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from lightning_paged.core.errors import ExportError
+from lightning_paged.core.export_4bit import SAFETENSORS_NAMES, dequantized_entries, is_prequantized
+from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
+from lightning_paged.core.progress import progress_bar
+from lightning_paged.core.tensor_entries import TensorEntry, tensor_entries
+
+__all__ = [
+    "ADAPTER_CONFIG_NAME",
+    "ADAPTER_WEIGHTS_NAME",
+    "DEFAULT_MAX_SHARD_SIZE",
+    "Adapter",
+    "ExportError",
+    "MergeReport",
+    "adapter_from_model",
+    "adapter_from_state_dict",
+    "merge_adapter",
+    "progress_bar",
+    "save_adapter",
+]
 
 ADAPTER_CONFIG_NAME = "adapter_config.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
@@ -35,10 +55,6 @@ PEFT_PREFIX = "base_model.model."
 INDEX_NAME = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9
 """Bytes per output shard of a merge (transformers' customary ``"5GB"``)."""
-
-
-class ExportError(ValueError):
-    """An export or merge cannot be done; the message says why and what to do."""
 
 
 @dataclass
@@ -211,32 +227,15 @@ def merge_adapter(
     )
 
 
-@dataclass
-class TensorEntry:
-    """One tensor of a merge's input, from its file's header: where it is and what it will be written as."""
-
-    name: str
-    shard: Path
-    dtype: str
-    """Its safetensors dtype name (``BF16``)."""
-    shape: list[int]
-    nbytes: int
-    read: Callable[[], torch.Tensor] | None = None
-    """How to read it when it is not stored as it is written (a dequantized 4-bit weight)."""
-
-
 def _base_entries(base: Path, stack: contextlib.ExitStack) -> tuple[list[TensorEntry], str | None]:
     """The tensors to merge onto, and the 4-bit type of a pre-quantized base (dequantized), else None.
 
     safetensors files are read from their headers; PyTorch ``.bin`` files (zip format) are mapped
     with ``torch.load(mmap=True)`` and each tensor is read when it is written.
     """
-    from lightning_paged.core.export_4bit import SAFETENSORS_NAMES, dequantized_entries, is_prequantized
-    from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
-
     shards = sorted(base.glob("*.safetensors"))
     if shards:
-        entries = [entry for shard in shards for entry in _tensor_entries(shard)]
+        entries = [entry for shard in shards for entry in tensor_entries(shard)]
     else:
         try:
             files = stack.enter_context(WeightFiles(base))
@@ -256,20 +255,6 @@ def _base_entries(base: Path, stack: contextlib.ExitStack) -> tuple[list[TensorE
     if not is_prequantized(base):
         return entries, None
     return dequantized_entries(base, entries, stack)
-
-
-def _tensor_entries(shard: Path) -> list[TensorEntry]:
-    with open(shard, "rb") as file:
-        (length,) = struct.unpack("<Q", file.read(8))
-        header = json.loads(file.read(length))
-    header.pop("__metadata__", None)
-    entries = [
-        TensorEntry(
-            name, shard, info["dtype"], list(info["shape"]), info["data_offsets"][1] - info["data_offsets"][0]
-        )
-        for name, info in header.items()
-    ]
-    return sorted(entries, key=lambda e: e.name)
 
 
 def _shard_groups(entries: list[TensorEntry], max_bytes: int) -> list[list[TensorEntry]]:
@@ -357,17 +342,3 @@ def _merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
 
 _MERGE_BLOCK_ELEMENTS = 16 * 2**20
 """float32 elements per row block of a merge (64 MiB of temporaries)."""
-
-
-@contextlib.contextmanager
-def progress_bar(description: str, total_bytes: int, enabled: bool = True) -> Iterator[Callable[[int], None]]:
-    """A rich progress bar over bytes; yields ``advance(n)``. Disabled: a no-op."""
-    if not enabled:
-        yield lambda n: None
-        return
-    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns) as bar:
-        task = bar.add_task(description, total=total_bytes)
-        yield lambda n: bar.advance(task, n)

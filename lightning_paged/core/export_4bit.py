@@ -21,10 +21,15 @@ from typing import Any
 
 import torch
 
-from lightning_paged.core.export import ExportError, TensorEntry, progress_bar
+from lightning_paged.core.errors import ExportError
 from lightning_paged.core.loading.files import SAFETENSORS_DTYPES, WeightFiles
-from lightning_paged.core.loading.prequantized import Prequantized, read_prequantized
-from lightning_paged.core.loading.skeleton import read_quantization_config
+from lightning_paged.core.loading.prequantized import (
+    Prequantized,
+    read_prequantized,
+    read_quantization_config,
+)
+from lightning_paged.core.progress import progress_bar
+from lightning_paged.core.tensor_entries import TensorEntry
 
 SAFETENSORS_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 """The safetensors name of each dtype (``torch.bfloat16``: ``BF16``)."""
@@ -105,7 +110,7 @@ def check_quantizes_to(candidate: Path, prequantized: Path, progress: bool = Tru
     the number of 4-bit layers checked; raises :class:`ExportError` naming the first that differs.
     """
     from lightning_paged.core.layers4bit import quantize_weight
-    from lightning_paged.core.qlora import QLoRAConfig
+    from lightning_paged.core.qlora_config import QLoRAConfig
 
     if is_prequantized(candidate):
         raise ExportError(f"--base {candidate} is itself quantized; give the original 16-bit model")

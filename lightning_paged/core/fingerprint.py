@@ -22,7 +22,8 @@ import torch
 from torch import nn
 
 from lightning_paged.core.atomic import atomic_write
-from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.errors import BadInput, MissingFileError
+from lightning_paged.core.qlora_config import QLoRAConfig
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig) if f.metadata.get("fingerprint"))
 """The QLoRA settings that change what the adapter weights mean: those marked on :class:`QLoRAConfig`.
@@ -31,7 +32,7 @@ SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig) if f.metad
 _CHUNK = 8 * 1024 * 1024
 
 
-class CheckpointMismatchError(RuntimeError):
+class CheckpointMismatchError(BadInput, RuntimeError):
     """A checkpoint was written for another base model or with other settings."""
 
 
@@ -98,7 +99,7 @@ def base_fingerprint(model: nn.Module) -> BaseFingerprint:
 def model_directory(model: nn.Module) -> Path | None:
     """The local directory a transformers model was loaded from, when it still holds weight files."""
     name = getattr(model, "name_or_path", None) or getattr(
-        getattr(model, "config", None), "_name_or_path", None
+        getattr(model, "config", None), "name_or_path", None
     )
     if not name or not isinstance(name, (str, os.PathLike)):
         return None
@@ -127,7 +128,7 @@ def files_fingerprint(
     directory = Path(directory).expanduser().resolve()
     files = weight_files(directory)
     if not files:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{directory} holds no model weights (*.safetensors or *.bin); give the directory of a saved "
             "transformers model"
         )

@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_paged.core.compat.transformers import no_split_modules
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.layers4bit import DTYPES, linear4bit_layers, quantized_weight_bytes
 from lightning_paged.core.units import format_bytes
@@ -115,7 +116,7 @@ def find_blocks(model: nn.Module, block_class: str | None = None) -> list[nn.Mod
                 f"names no module class of {type(model).__name__}; repeated block classes found: {found}",
             )
         return blocks
-    declared = set(getattr(model, "_no_split_modules", None) or [])
+    declared = no_split_modules(model)
     blocks = [m for m in model.modules() if type(m).__name__ in declared]
     if blocks:
         return blocks

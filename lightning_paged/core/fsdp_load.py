@@ -28,18 +28,30 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from lightning_paged.core.compat.peft import mark_loaded_in_4bit, unmark_loaded_in_4bit
+from lightning_paged.core.compat.torch import own_buffers
+from lightning_paged.core.deferred import deferred_directory, mark_deferred
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor
 from lightning_paged.core.layers4bit import (
-    STORAGE_DTYPES,
     linear4bit_layers,
     place_non_quantized,
     quantize_linear,
     quantized_weight_bytes,
     set_submodule,
 )
+from lightning_paged.core.loading.files import WeightFiles
+from lightning_paged.core.loading.stream import (
+    LoadReport,
+    _layer,
+    _place_unquantized,
+    _trim_host_heap,
+    plan_load,
+)
 from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
-from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, select_layers
+from lightning_paged.core.qlora import ConversionReport
+from lightning_paged.core.qlora_config import STORAGE_DTYPES, QLoRAConfig
+from lightning_paged.core.selection import select_layers
 
 
 def convert_and_shard(
@@ -78,7 +90,7 @@ def convert_and_shard(
         replaced_16bit=sum(linear.weight.numel() * 2 for linear in originals.values()),
     )
     lora = lora_config(config, targets, linear_names)
-    source_of = _DirectorySource if _directory(model) is not None else _TensorSource
+    source_of = _DirectorySource if deferred_directory(model) is not None else _TensorSource
     with source_of.open(model, config, device) as source:  # a directory's files are checked here
         for param in model.parameters():
             param.requires_grad_(False)
@@ -96,7 +108,7 @@ def convert_and_shard(
         rest = [t for t in targets if not any(t.startswith(p + ".") for p in prefixes)]
         if rest:
             _adapt(model, lora, rest, device)
-        model.is_loaded_in_4bit = True  # type: ignore[assignment]
+        mark_loaded_in_4bit(model)
         model.peft_config = {"default": lora}  # type: ignore[assignment]
         _broadcast_trainable(model, mesh)
         fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
@@ -129,8 +141,8 @@ def _adapt(module: nn.Module, lora: Any, targets: list[str], device: torch.devic
     if not targets:
         return
     inject_lora(module, replace(lora, target_modules=targets), device)
-    for attribute in ("peft_config", "is_loaded_in_4bit"):  # the model's own, set once on the root
-        module.__dict__.pop(attribute, None)
+    module.__dict__.pop("peft_config", None)  # the model's own, set once on the root
+    unmark_loaded_in_4bit(module)
 
 
 class _Totals:
@@ -141,12 +153,6 @@ class _Totals:
         self.quantized = 0
         """Packed 4-bit bytes plus quantization constants of every layer, whole."""
         self.packed = 0
-
-
-def _directory(model: nn.Module) -> Any:
-    from lightning_paged.core.loading import deferred_directory
-
-    return deferred_directory(model)
 
 
 def _fill(
@@ -200,9 +206,10 @@ class _TensorSource:
         modules = [m for _, m in plain]
         place_non_quantized(self.model, self.config, self.device, modules=modules)
         for module in modules:
-            for name, buffer in list(module._buffers.items()):
+            buffers = own_buffers(module)
+            for name, buffer in list(buffers.items()):
                 if buffer is not None:
-                    module._buffers[name] = buffer.to(self.device)
+                    buffers[name] = buffer.to(self.device)
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
         assert isinstance(linear, nn.Linear)
@@ -229,19 +236,18 @@ class _DirectorySource:
     @classmethod
     @contextlib.contextmanager
     def open(cls, model: nn.Module, config: QLoRAConfig, device: torch.device) -> Iterator[_DirectorySource]:
-        from lightning_paged.core.loading.files import WeightFiles
-        from lightning_paged.core.loading.skeleton import mark_deferred
-        from lightning_paged.core.loading.stream import plan_load
-
-        with WeightFiles(_directory(model)) as files:
+        directory = deferred_directory(model)
+        if directory is None:
+            raise ValueError(
+                f"{type(model).__name__} holds its weights; it waits for no directory to load them from"
+            )
+        with WeightFiles(directory) as files:
             plan = plan_load(model, files, config)  # every check on the files, before anything changes
             yield cls(model, config, device, files, plan)
         mark_deferred(model, None)
 
     def place(self, plain: list[tuple[str, nn.Module]], linears: list[tuple[str, nn.Module]]) -> None:
         """``plain`` modules' weights and buffers from the files, and the biases of ``linears``."""
-        from lightning_paged.core.loading.stream import _place_unquantized
-
         self.read[0] += _place_unquantized(
             self.model,
             self.files,
@@ -255,8 +261,6 @@ class _DirectorySource:
         place_non_quantized(self.model, self.config, self.device, modules=[m for _, m in plain])
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
-        from lightning_paged.core.loading.stream import _layer
-
         assert isinstance(linear, nn.Linear)
         return _layer(name, linear, self.files, self.plan, self.config, self.device, self.read)
 
@@ -264,8 +268,6 @@ class _DirectorySource:
         _trim_if_host(self.device)
 
     def report(self, report: ConversionReport) -> ConversionReport:
-        from lightning_paged.core.loading.stream import LoadReport
-
         return LoadReport(
             **asdict(report),
             directory=str(self.files.directory),
@@ -277,6 +279,4 @@ class _DirectorySource:
 
 def _trim_if_host(device: torch.device) -> None:
     if device.type == "cpu":
-        from lightning_paged.core.loading.stream import _trim_host_heap
-
         _trim_host_heap()

@@ -168,7 +168,8 @@ def model_parameters(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
     gradients exist only during the step. The order is the groups' own, the same on every rank
     (a norm over sharded tensors is a collective), whether or not this rank holds a piece of each.
     """
-    optimizer = getattr(optimizer, "_optimizer", optimizer)  # Lightning's and Fabric's wrappers
+    inner = getattr(optimizer, "optimizer", None)  # Lightning's, Fabric's and Accelerate's wrappers
+    optimizer = inner if isinstance(inner, torch.optim.Optimizer) else optimizer
     originals = getattr(optimizer, "fsdp_params", None)
     if originals is None:
         return [p for group in optimizer.param_groups for p in group["params"]]

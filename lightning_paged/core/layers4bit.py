@@ -1,27 +1,20 @@
 """The bitsandbytes side of the conversion: one ``nn.Linear`` to a frozen ``Linear4bit``, and back to training.
 
-Framework-free helpers of :mod:`lightning_paged.core.qlora`: quantizing a layer on its target
-device, the dtypes of everything that stays in floating point, activation checkpointing, and
-undoing bitsandbytes' CPU inference repacking.
+The second floor of the conversion, on the settings of :mod:`~lightning_paged.core.qlora_config`:
+quantizing a layer on its target device, the dtypes of everything that stays in floating point,
+activation checkpointing, and undoing bitsandbytes' CPU inference repacking.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lightning_paged.core.qlora import QLoRAConfig
-
-ComputeDtype = Literal["bfloat16", "float16", "float32"]
-"""Data types the 4-bit matmuls can run in."""
-StorageDtype = Literal["uint8", "bfloat16", "float16", "float32"]
-"""Storage types of packed 4-bit weights."""
-DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(ComputeDtype)}
-STORAGE_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in get_args(StorageDtype)}
+from lightning_paged.core.compat.bitsandbytes import undo_cpu_packing
+from lightning_paged.core.qlora_config import DTYPES, STORAGE_DTYPES, QLoRAConfig
 
 
 def quantize_weight(
@@ -184,14 +177,12 @@ def restore_training_layout(layers: Iterable[nn.Module]) -> int:
     in place for fast inference. Training on such a weight fails or silently loses input gradients,
     so any validation or generation on CPU must be followed by this before the next training step.
     """
-    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
-
     restored = 0
     for layer in layers:
         weight: Any = layer.weight
         state = getattr(weight, "quant_state", None)
         if state is not None and getattr(state, "packing_format_for_cpu", False):
-            weight.data, weight.quant_state = _convert_weight_packed_for_cpu_inverse(weight.data, state)
+            weight.data, weight.quant_state = undo_cpu_packing(weight.data, state)
             layer.quant_state = weight.quant_state
             restored += 1
     return restored

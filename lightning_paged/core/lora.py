@@ -8,34 +8,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.peft import mark_loaded_in_4bit
 from lightning_paged.core.layers4bit import enable_checkpointing
-
-if TYPE_CHECKING:
-    from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.qlora_config import QLoRAConfig
+from lightning_paged.core.selection import peft_target_spec
 
 log = logging.getLogger(__name__)
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(name == p or name.endswith("." + p) for p in patterns)
-
-
-def _peft_target_spec(targets: Sequence[str], linear_names: Sequence[str]) -> list[str]:
-    """The shortest PEFT ``target_modules`` list that selects exactly ``targets``.
-
-    Leaf names (``q_proj``) when they select no other linear layer, full names otherwise, so the
-    exported ``adapter_config.json`` stays readable and loads onto the same model elsewhere.
-    """
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
-    chosen = {n for n in linear_names if _matches(n, leaves)}
-    if chosen == set(targets):
-        return leaves
-    return list(targets)
 
 
 def add_adapters(
@@ -66,7 +49,7 @@ def lora_config(config: QLoRAConfig, targets: Sequence[str], linear_names: Seque
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=_peft_target_spec(targets, linear_names),
+        target_modules=peft_target_spec(targets, linear_names),
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         bias="none",
@@ -82,7 +65,7 @@ def inject_lora(module: nn.Module, lora: Any, device: torch.device) -> None:
     """
     from peft import inject_adapter_in_model
 
-    module.is_loaded_in_4bit = True  # type: ignore[assignment]  # PEFT picks its 4-bit LoRA layer only then
+    mark_loaded_in_4bit(module)  # PEFT picks its 4-bit LoRA layer only then
     inject_adapter_in_model(lora, module)
     for name, param in module.named_parameters():
         is_adapter = "lora_" in name

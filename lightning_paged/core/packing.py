@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
+from lightning_paged.core.compat.transformers import attn_implementation
 from lightning_paged.core.errors import SettingError
 
 IGNORE_INDEX = -100
@@ -185,8 +186,7 @@ def is_packed(batch: Mapping[str, Any]) -> bool:
 
 def attention_implementation(model: Any) -> str | None:
     """The attention implementation a transformers model (or a PEFT wrapper of one) runs."""
-    config = getattr(model, "config", None)
-    return getattr(config, "_attn_implementation", None)
+    return attn_implementation(model)
 
 
 def check_packing_support(model: Any) -> None:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
 
+from lightning_paged.core.compat.torch import set_last_lr
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler, param_groups
 from lightning_paged.core.paging import (
@@ -111,3 +112,35 @@ def repage_after_load(optimizer: Optimizer) -> None:
         repage_optimizer_state(optimizer)
 
     optimizer.load_state_dict = load_state_dict  # type: ignore[method-assign]
+
+
+class ConfiguredSettings:
+    """An optimizer's parameter-group settings and its schedule's base rates as configured, to put back after a restore.
+
+    Restoring an optimizer replaces its parameter groups' settings (learning rate, weight decay,
+    betas, eps) by the saved ones, and restoring a ``LambdaLR`` its base learning rates; a setting
+    changed on resume would otherwise be dropped. The schedule itself (its kind and warmup) is the
+    one built from the config, continuing at the restored step.
+    """
+
+    def __init__(self, optimizer: Optimizer, scheduler: Any) -> None:
+        self.groups = [_settings(group) for group in optimizer.param_groups]
+        self.base_lrs = list(scheduler.base_lrs)
+
+    def apply(self, optimizer: Optimizer, scheduler: Any) -> None:
+        """Put the configured settings over those a checkpoint restored into ``optimizer`` and ``scheduler``."""
+        for group, settings in zip(optimizer.param_groups, self.groups):
+            for key, value in settings.items():
+                if group.get(key) != value:
+                    group[key] = value
+        if list(scheduler.base_lrs) != self.base_lrs:
+            scheduler.base_lrs = list(self.base_lrs)
+            factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+            for group, base, factor in zip(optimizer.param_groups, self.base_lrs, factors):
+                group["initial_lr"], group["lr"] = base, base * factor
+            set_last_lr(scheduler, [group["lr"] for group in optimizer.param_groups])
+
+
+def _settings(group: Mapping[str, Any]) -> dict[str, Any]:
+    """A parameter group's settings, without its parameters and the learning rates the scheduler sets."""
+    return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from lightning_paged.core.compat.bitsandbytes import route_double_state_buffer
 from lightning_paged.core.units import format_bytes
 
 PAGE_THRESHOLD = 100_000
@@ -274,7 +275,7 @@ def install_paging(optimizer: torch.optim.Optimizer, policy: PagingPolicy) -> No
         raise TypeError(f"install_paging needs a bitsandbytes optimizer; got {type(optimizer).__name__}")
     optimizer.paging_policy = policy  # type: ignore[attr-defined]
     optimizer.get_state_buffer = MethodType(_get_state_buffer, optimizer)  # type: ignore[attr-defined]
-    optimizer._get_state_double_buffer = MethodType(_get_state_double_buffer, optimizer)  # type: ignore[attr-defined]
+    route_double_state_buffer(optimizer, _get_state_double_buffer)
     optimizer.prefetch_state = MethodType(_prefetch_state, optimizer)  # type: ignore[attr-defined]
     optimizer.register_state_dict_post_hook(_standalone_pool_views)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_paged.core.atomic import atomic_write
+from lightning_paged.core.errors import BadInput
 from lightning_paged.core.eviction.log import read_jsonl
 from lightning_paged.core.eviction.records import StepRecord
 from lightning_paged.core.eviction.summary import summarize
@@ -27,7 +28,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf", ".html")
 MIB = 1024 * 1024
 
 
-class ReportError(Exception):
+class ReportError(BadInput):
     """A problem with the user's input, reported as one line and a non-zero exit."""
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from lightning_paged.core.export import ExportError, progress_bar
+from lightning_paged.core.adapter_checkpoint import AdapterCheckpoint
+from lightning_paged.core.errors import ExportError
 from lightning_paged.core.fingerprint import (
     BaseFingerprint,
     Fingerprint,
@@ -18,18 +19,19 @@ from lightning_paged.core.fingerprint import (
     settings_of,
     weight_files,
 )
-from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.progress import progress_bar
+from lightning_paged.core.qlora_config import QLoRAConfig
 
 
 def check_settings(
-    saved: Fingerprint, settings: QLoRAConfig, checkpoint: Path, config: Path, where: str
+    record: AdapterCheckpoint, settings: QLoRAConfig, checkpoint: Path, config: Path, where: str
 ) -> None:
-    """The run's QLoRA settings must be those the checkpoint was written with.
+    """The run's QLoRA settings (``settings``, from ``config``) must be those the checkpoint was written with.
 
     ``where`` is the settings' place in the run's config, for the message.
     """
-    current = Fingerprint(base=saved.base, settings=settings_of(settings))
-    differences = describe_differences(saved, current, where, now="in the config")
+    current = Fingerprint(base=record.fingerprint.base, settings=settings_of(settings))
+    differences = record.differences(current, where, now="in the config")
     if differences:
         raise ExportError(
             f"{checkpoint} does not belong to the run of {config}: it was written with "

@@ -5,18 +5,21 @@ same batches in the same order and draws the same random numbers (dropout). :cla
 gives a seeded, epoch-dependent order that can start at any position; :func:`resume_dataloader`
 positions a ``DataLoader`` built on it; :func:`capture_rng_state` and :func:`restore_rng_state` save
 and restore the torch, CUDA (this process's device only), Python and NumPy generators in a form
-``torch.load(weights_only=True)`` accepts.
+``torch.load(weights_only=True)`` accepts. :class:`LengthGroupedBatchSampler` batches samples of
+similar length together on top of such an order.
 """
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Sequence, Sized
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.utils.data import BatchSampler, DistributedSampler
+from torch.utils.data import BatchSampler, DistributedSampler, Sampler
+from typing_extensions import override
 
 
 class ResumableSampler(DistributedSampler):
@@ -175,3 +178,47 @@ def restore_rng_state(state: dict[str, Any]) -> None:
 
         kind, keys, pos, has_gauss, cached = state["numpy"]
         np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
+
+
+class LengthGroupedBatchSampler(BatchSampler):
+    """Batches of similar-length samples, in random order.
+
+    Takes the indices ``sampler`` yields (shuffled; under DDP Lightning passes each rank its
+    ``DistributedSampler`` here), cuts them into groups of ``mega_batch_factor`` batches, sorts each
+    group by length and cuts it into batches; then shuffles the order of all batches.
+    """
+
+    def __init__(
+        self,
+        sampler: Sampler[int],
+        batch_size: int,
+        drop_last: bool,
+        lengths: Sequence[int] = (),
+        seed: int = 0,
+        mega_batch_factor: int = 50,
+    ) -> None:
+        super().__init__(sampler, batch_size, drop_last)
+        self.lengths = lengths
+        self.seed = seed
+        self.mega_batch_factor = mega_batch_factor
+        self._epoch = 0
+
+    @override
+    def __iter__(self) -> Iterator[list[int]]:
+        indices = list(self.sampler)
+        group = self.batch_size * self.mega_batch_factor
+        batches: list[list[int]] = []
+        for start in range(0, len(indices), group):
+            ordered = sorted(indices[start : start + group], key=lambda i: self.lengths[i], reverse=True)
+            batches += [ordered[j : j + self.batch_size] for j in range(0, len(ordered), self.batch_size)]
+        if self.drop_last and batches and len(batches[-1]) < self.batch_size:
+            batches.pop()
+        generator = torch.Generator().manual_seed(self.seed + self._epoch)
+        self._epoch += 1
+        for k in torch.randperm(len(batches), generator=generator).tolist():
+            yield batches[k]
+
+    @override
+    def __len__(self) -> int:
+        n = len(self.sampler)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)

@@ -13,7 +13,7 @@ import inspect
 import itertools
 import textwrap
 from collections.abc import Iterable, Mapping
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from lightning_paged.core.errors import SettingError
@@ -81,3 +81,23 @@ def args_section(docs: dict[str, str], indent: str = "    ") -> str:
     """Google-style ``Args:`` lines for ``docs`` (name to description), for a docstring built at import."""
     lines = [f"{indent}{indent}{name}: {' '.join(text.split())}" for name, text in docs.items()]
     return f"\n\n{indent}Args:\n" + "\n".join(lines) + "\n"
+
+
+@dataclass(frozen=True)
+class SettingPlaces:
+    """Where a front door's settings live in what its user writes, for error messages.
+
+    Each front door names its places once (``lightning/strategies/base.py``, ``fabric/strategies.py``,
+    ``accelerate.py``); a refused setting is reported as ``<place><name>``. Prefixes end with a dot.
+    """
+
+    qlora: str
+    """The QLoRA settings (:class:`~lightning_paged.core.qlora_config.QLoRAConfig`'s fields)."""
+    strategy: str
+    """The front door's other conversion settings (``model_attr``, ``block_class``)."""
+    optimizer: str
+    """The optimizer settings (:class:`~lightning_paged.core.optimizers.OptimizerConfig`'s fields)."""
+    precision: str
+    """The precision setting, as a whole name."""
+    devices: str
+    """The device-count setting, as a whole name."""

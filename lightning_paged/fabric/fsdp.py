@@ -5,24 +5,25 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import asdict
 from datetime import timedelta
+from functools import partial
 from typing import Any
 
+import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.fabric.strategies import STRATEGY_REGISTRY, ModelParallelStrategy
 from lightning.fabric.utilities.rank_zero import rank_zero_info
-from lightning.fabric.utilities.types import _PATH
 from torch import nn
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core import fsdp, fsdp_optimizer
-from lightning_paged.core.adapters import adapter_state_dict, broadcast_from_rank_zero
+from lightning_paged.core.adapters import adapter_state_dict
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_load import convert_and_shard
-from lightning_paged.core.loading import deferred_directory
-from lightning_paged.core.qlora import QLORA_FIELDS, QLoRAConfig, is_qlora, select_target
-from lightning_paged.fabric.strategies import _QLoRAFabricMixin
+from lightning_paged.core.qlora import QLORA_FIELDS, ConversionReport, QLoRAConfig, is_qlora, select_target
+from lightning_paged.fabric.strategies import PLACES, QLORA_WHERE, STRATEGY_WHERE, _QLoRAFabricMixin
 
 
 def _with_sharding_storage(qlora: QLoRAConfig | Mapping[str, Any] | None) -> dict[str, Any]:
@@ -31,7 +32,7 @@ def _with_sharding_storage(qlora: QLoRAConfig | Mapping[str, Any] | None) -> dic
     try:
         settings["quant_storage"] = fsdp.sharding_storage(settings.get("quant_storage"), compute)
     except SettingError as err:
-        raise err.located("qlora.") from None
+        raise err.located(QLORA_WHERE) from None
     return settings
 
 
@@ -83,9 +84,9 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
     @override
     def setup_environment(self) -> None:
         self._check_precision()
-        fsdp.check_precision(getattr(self.precision, "precision", None), "precision")
+        fsdp.check_precision(getattr(self.precision, "precision", None), PLACES.precision)
         world = self.num_nodes * self.num_processes
-        fsdp.check_world_size(world, "devices")
+        fsdp.check_world_size(world, PLACES.devices)
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
@@ -105,29 +106,32 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
                     reshard_after_forward=self.reshard_after_forward,
                 )
             except SettingError as err:
-                raise err.located("strategy.") from None
+                raise err.located(STRATEGY_WHERE) from None
             self._qlora_modules.append(module)
-            rank_zero_info(self.shard_report.summary())
-        else:
-            if deferred_directory(target) is None:  # a directory model: each rank reads the files
-                broadcast_from_rank_zero(target, self.root_device)
-            try:  # quantized and sharded one block at a time (core/fsdp_load.py)
-                report, self.shard_report = convert_and_shard(
-                    target,
-                    self.qlora,
-                    self.root_device,
-                    mesh["data_parallel"],
-                    block_class=self.block_class,
-                    reshard_after_forward=self.reshard_after_forward,
-                )
-            except SettingError as err:
-                raise err.located("qlora." if err.setting in QLORA_FIELDS else "strategy.") from None
-            self._qlora_modules.append(module)
-            self.conversion_report = report
-            rank_zero_info(report.summary())
-            rank_zero_info(self.shard_report.summary())
+        else:  # quantized and sharded one block at a time (core/fsdp_load.py)
+            self._convert(
+                module, self.root_device, partial(self._convert_and_shard, mesh=mesh["data_parallel"])
+            )
+            self.shard_report = self._prepared[-1][1].shard
+        assert self.shard_report is not None
+        rank_zero_info(self.shard_report.summary())
         module.to(self.root_device)  # what the module holds beside its model (FSDPModule._apply keeps shards)
         return module
+
+    def _convert_and_shard(
+        self, target: nn.Module, config: QLoRAConfig, device: torch.device, mesh: Any
+    ) -> tuple[ConversionReport, fsdp.ShardReport]:
+        try:
+            return convert_and_shard(
+                target,
+                config,
+                device,
+                mesh,
+                block_class=self.block_class,
+                reshard_after_forward=self.reshard_after_forward,
+            )
+        except SettingError as err:
+            raise (err if err.setting in QLORA_FIELDS else err.located(STRATEGY_WHERE)) from None
 
     @override
     def setup_module(self, module: nn.Module) -> Any:
@@ -141,7 +145,7 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         try:
             fsdp_optimizer.shard_optimizer(optimizer)
         except SettingError as err:
-            raise err.located("optimizer.") from None
+            raise err.located(PLACES.optimizer) from None
         return optimizer
 
     @override
@@ -161,12 +165,12 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         return fsdp_optimizer.gathered_optimizer_state(optimizer)
 
     @override
-    def save_checkpoint(
+    def _write_checkpoint(
         self,
         path: _PATH,
-        state: dict[str, nn.Module | Optimizer | Any],
-        storage_options: Any | None = None,
-        filter: dict[str, Callable[[str, Any], bool]] | None = None,
+        state: dict[str, Any],
+        storage_options: Any | None,
+        filter: dict[str, Callable[[str, Any], bool]] | None,
     ) -> None:
         """One file from rank zero: adapters and optimizer state gathered whole (every rank takes part)."""
         path = self.broadcast(path)
@@ -176,38 +180,13 @@ class PagedQLoRAFabricFSDPStrategy(_QLoRAFabricMixin, ModelParallelStrategy):
         self.barrier()
 
     @override
-    def load_checkpoint(
-        self,
-        path: _PATH,
-        state: nn.Module | Optimizer | dict[str, nn.Module | Optimizer | Any] | None = None,
-        strict: bool = True,
-        weights_only: bool | None = None,
-    ) -> dict[str, Any]:
-        """Every rank reads the file and keeps its shard; optimizer state is re-paged by its optimizer."""
-        checkpoint = read_checkpoint(self.broadcast(path), weights_only=weights_only)
-        if not state:
-            return checkpoint
-        if isinstance(state, nn.Module):
-            self.load_module_state_dict(state, checkpoint, strict=strict)
-            return {}
-        if isinstance(state, Optimizer):
-            fsdp_optimizer.load_gathered_optimizer_state(state, checkpoint)
-            return {}
-        for key, target in state.items():
-            if key not in checkpoint:
-                if strict:
-                    raise KeyError(f"{path} holds no {key!r}; it holds {', '.join(checkpoint)}")
-                continue
-            value = checkpoint.pop(key)
-            if isinstance(target, nn.Module):
-                self.load_module_state_dict(target, value, strict=strict)
-            elif isinstance(target, Optimizer):
-                fsdp_optimizer.load_gathered_optimizer_state(target, value)
-            elif hasattr(target, "load_state_dict"):
-                target.load_state_dict(value)
-            else:
-                state[key] = value
-        return checkpoint
+    def _read_checkpoint(self, path: _PATH, weights_only: bool | None) -> dict[str, Any]:
+        """Every rank reads the file; ``load_module_state_dict`` keeps its shard of each weight."""
+        return read_checkpoint(self.broadcast(path), weights_only=weights_only)
+
+    @override
+    def _load_optimizer_state(self, optimizer: Optimizer, state: dict[str, Any]) -> None:
+        fsdp_optimizer.load_gathered_optimizer_state(optimizer, state)  # re-paged by its optimizer
 
     @classmethod
     @override

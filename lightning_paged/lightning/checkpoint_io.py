@@ -7,9 +7,9 @@ from typing import Any
 
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.fabric.utilities.cloud_io import get_filesystem
-from lightning.fabric.utilities.types import _PATH
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core.atomic import read_checkpoint, save_checkpoint_file
 
 

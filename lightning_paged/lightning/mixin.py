@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -11,16 +10,15 @@ from lightning.pytorch.utilities import rank_zero_info
 from typing_extensions import override
 
 from lightning_paged.core.optimizers import OptimizerConfig
-from lightning_paged.core.paged_optimizer import optimizer_and_schedule, optimizer_config
+from lightning_paged.core.paged_optimizer import ConfiguredSettings, optimizer_and_schedule, optimizer_config
 from lightning_paged.core.paging import (
     ManagedMemory,
     is_bitsandbytes_optimizer,
     paging_coverage,
     repage_optimizer_state,
 )
+from lightning_paged.lightning.strategies.base import PLACES
 
-SETTINGS_LOCATION = "model.optimizer."
-"""Where the settings live in a LightningCLI config, for error messages."""
 METRIC_PREFIX = "paging/"
 
 
@@ -62,7 +60,7 @@ class PagedOptimizerMixin(LightningModule):
         config: Any = self.optimizer_config
         if config is None:
             config = getattr(self.hparams, "optimizer", None)
-        return optimizer_config(config, SETTINGS_LOCATION)
+        return optimizer_config(config, PLACES.optimizer)
 
     @override
     def configure_optimizers(self) -> Any:
@@ -72,39 +70,21 @@ class PagedOptimizerMixin(LightningModule):
             config,
             total_steps=None if config.scheduler == "constant" else self._total_steps(),
             memory=self.managed_memory,
-            where=SETTINGS_LOCATION,
+            where=PLACES.optimizer,
             if_empty=" (requires_grad); nothing to optimize",
         )
-        self._configured = ([_settings(group) for group in optimizer.param_groups], list(scheduler.base_lrs))
+        self._configured = ConfiguredSettings(optimizer, scheduler)
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1},
         }
 
     def _apply_configured_settings(self) -> None:
-        """After a resume: put the config's optimizer settings over the ones the checkpoint restored.
-
-        Restoring an optimizer replaces its parameter groups' settings (learning rate, weight decay,
-        betas, eps) by the saved ones, and restoring a ``LambdaLR`` its base learning rates; a
-        setting changed on resume would otherwise be dropped. The schedule itself (its kind and
-        warmup) is the one built from the config, continuing at the restored step.
-        """
+        """After a resume: the config's optimizer settings over the restored ones (see ``ConfiguredSettings``)."""
         configured = getattr(self, "_configured", None)
         if configured is None or not self.trainer.optimizers or not self.trainer.lr_scheduler_configs:
             return
-        groups, base_lrs = configured
-        optimizer = self.trainer.optimizers[0]
-        scheduler: Any = self.trainer.lr_scheduler_configs[0].scheduler
-        for group, settings in zip(optimizer.param_groups, groups):
-            for key, value in settings.items():
-                if group.get(key) != value:
-                    group[key] = value
-        if list(scheduler.base_lrs) != base_lrs:
-            scheduler.base_lrs = list(base_lrs)
-            factors = [factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
-            for group, base, factor in zip(optimizer.param_groups, base_lrs, factors):
-                group["initial_lr"], group["lr"] = base, base * factor
-            scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+        configured.apply(self.trainer.optimizers[0], self.trainer.lr_scheduler_configs[0].scheduler)
 
     def _total_steps(self) -> float | None:
         if self._trainer is None:
@@ -147,8 +127,3 @@ class PagedOptimizerMixin(LightningModule):
             rank_zero_info(coverage.summary())
             prefix = METRIC_PREFIX if index == 0 else f"{METRIC_PREFIX}optimizer_{index}/"
             self.log_dict(coverage.metrics(prefix), on_step=True, on_epoch=False, rank_zero_only=True)
-
-
-def _settings(group: Mapping[str, Any]) -> dict[str, Any]:
-    """A parameter group's settings, without its parameters and the learning rates the scheduler sets."""
-    return {k: v for k, v in group.items() if k not in ("params", "lr", "initial_lr")}

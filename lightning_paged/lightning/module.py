@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,9 +9,11 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_paged.compat import lightning as lightning_compat
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_optimizer import model_parameters
-from lightning_paged.core.loading import WeightLoadError, deferred_directory, empty_model, load_unquantized
+from lightning_paged.core.loading import deferred_directory, load_unquantized
+from lightning_paged.core.models import model_from_config, model_from_directory
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.packing import (
     batch_tokens,
@@ -21,13 +22,9 @@ from lightning_paged.core.packing import (
     model_inputs,
     response_targets,
 )
-from lightning_paged.core.settings import close_matches
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
 from lightning_paged.lightning.mixin import PagedOptimizerMixin
 from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
-
-# Config arguments that transformers accepts without listing them among a config's attributes.
-_EXTRA_CONFIG_KEYS = {"attn_implementation", "rope_theta", "rope_scaling"}
 
 
 class CausalLMModule(PagedOptimizerMixin, LightningModule):
@@ -100,53 +97,9 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
                 "a model randomly)",
             )
         if model_config is not None:
-            self.model = self._from_config(model_config)
+            self.model = model_from_config(model_config, self.tokenizer, tokenizer)
         else:
-            self.model = self._load(model_name_or_path)
-            rows = self.model.get_input_embeddings().num_embeddings
-            self._check_vocab(rows, "model_name_or_path", model_name_or_path)
-
-    def _from_config(self, model_config: dict[str, Any]) -> Any:
-        from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-        settings = dict(model_config)
-        model_type = settings.pop("model_type", None)
-        if model_type not in CONFIG_MAPPING:
-            close = close_matches(str(model_type), CONFIG_MAPPING.keys(), n=3, cutoff=0.6)
-            hint = f"did you mean {', '.join(close)}?" if close else "e.g. 'llama', 'mistral', 'qwen2'"
-            raise SettingError(
-                "model_config.model_type", model_type, f"must name a transformers model type; {hint}"
-            )
-        config_class = CONFIG_MAPPING[model_type]
-        known = set(config_class().to_dict()) | _init_arguments(config_class) | _EXTRA_CONFIG_KEYS
-        for key in settings:
-            if key not in known:
-                close = close_matches(key, sorted(known), cutoff=0.6)
-                hint = f"did you mean {close[0]!r}?" if close else f"see {config_class.__name__}"
-                raise SettingError(
-                    f"model_config.{key}", settings[key], f"is not a {model_type} setting; {hint}"
-                )
-        settings.setdefault("vocab_size", len(self.tokenizer))
-        self._check_vocab(settings["vocab_size"], "model_config.vocab_size", settings["vocab_size"])
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-            settings.setdefault(name, getattr(self.tokenizer, name, None))
-        config = config_class(**settings)
-        return AutoModelForCausalLM.from_config(config)
-
-    def _load(self, model_name_or_path: str | None) -> Any:
-        path = Path(str(model_name_or_path)).expanduser()
-        if not (path / "config.json").is_file():
-            problem = "has no config.json" if path.is_dir() else "is not a local directory"
-            raise SettingError(
-                "model_name_or_path",
-                model_name_or_path,
-                f"{problem}; give the directory of a saved transformers model (nothing is downloaded), "
-                "or model_config to build a model from a config",
-            )
-        try:
-            return empty_model(path, dtype=torch.bfloat16)
-        except WeightLoadError as err:
-            raise SettingError("model_name_or_path", model_name_or_path, f"cannot be loaded: {err}") from None
+            self.model = model_from_directory(str(model_name_or_path), self.tokenizer, tokenizer)
 
     @override
     def configure_model(self) -> None:
@@ -154,15 +107,6 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         directory = deferred_directory(self.model)
         if directory is not None and not isinstance(self.trainer.strategy, QLoRAStrategyMixin):
             load_unquantized(self.model, directory, torch.bfloat16)  # no QLoRA strategy to stream it
-
-    def _check_vocab(self, rows: int, setting: str, value: object) -> None:
-        if rows < len(self.tokenizer):
-            raise SettingError(
-                setting,
-                value,
-                f"gives a vocabulary of {rows} tokens, fewer than the {len(self.tokenizer)} of the tokenizer "
-                f"({self.hparams['tokenizer']}); the model's vocabulary must cover every token id",
-            )
 
     @override
     def setup(self, stage: str) -> None:
@@ -182,7 +126,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
             return
         self._warned_unless_qlora = True
         name = type(strategy).__name__
-        start_method = getattr(strategy, "_start_method", None)
+        start_method = lightning_compat.start_method(strategy)
         if start_method not in (None, "popen"):
             name += f" (start_method={start_method!r}: trainer.strategy ddp_{start_method})"
         rank_zero_warn(
@@ -322,9 +266,3 @@ def _several_processes() -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-
-
-def _init_arguments(config_class: type) -> set[str]:
-    import inspect
-
-    return {name for name in inspect.signature(config_class).parameters if name != "kwargs"}

@@ -14,6 +14,7 @@ from lightning.pytorch.utilities.types import STEP_OUTPUT
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from lightning_paged.compat import lightning as lightning_compat
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.run import (
@@ -182,10 +183,14 @@ class EvictionMonitor(Callback):
         if self.recorder is None:
             return
         record = self.recorder.end_step()
-        if self.log_metrics and trainer.loggers and trainer._logger_connector.should_update_logs:
+        if (
+            self.log_metrics
+            and trainer.loggers
+            and lightning_compat.logger_connector(trainer).should_update_logs
+        ):
             metrics = record_metrics(record)
             for logger in trainer.loggers:
-                logger.log_metrics(metrics, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+                logger.log_metrics(metrics, step=lightning_compat.batches_that_stepped(trainer))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -47,6 +47,7 @@ from lightning.fabric.utilities.apply_func import convert_tensors_to_scalars
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.compat import lightning as lightning_compat
 from lightning_paged.core.atomic import remove_stale_partials
 from lightning_paged.core.sampling import (
     capture_rng_state,
@@ -120,7 +121,7 @@ class ResumeTracker:
             # configure_optimizers asks for trainer.estimated_stepping_batches): position it and let the
             # fit loop start a new iterator over it.
             self._position_loaders(self.loaders)
-            fetcher = getattr(self.trainer.fit_loop, "_data_fetcher", None)
+            fetcher = lightning_compat.data_fetcher(self.trainer.fit_loop)
             if fetcher is not None:
                 iter(fetcher)
             self.position = None
@@ -155,9 +156,9 @@ class ResumeTracker:
         module = trainer.lightning_module
         if not loggers or module is None or not module.automatic_optimization:
             return
-        connector = trainer._logger_connector
-        if not isinstance(connector._first_loop_iter, bool):
+        if not lightning_compat.logging_started(trainer):
             return
+        connector = lightning_compat.logger_connector(trainer)
         if not (connector.should_update_logs or trainer.fast_dev_run):
             return
         row = convert_tensors_to_scalars(connector.metrics["log"])
@@ -166,7 +167,7 @@ class ResumeTracker:
         step = row.pop("step", None)
         if step is None:
             row.setdefault("epoch", trainer.current_epoch)
-            step = trainer.fit_loop.epoch_loop._batches_that_stepped
+            step = lightning_compat.batches_that_stepped(trainer)
         for logger in loggers:
             logger.write_ahead(row, int(step))
 
@@ -180,7 +181,7 @@ class ResumeTracker:
             self._started = True
             self._start_fit()
         if self.trainer is not None:
-            self.steps_before_batch = self.trainer.fit_loop.epoch_loop._batches_that_stepped
+            self.steps_before_batch = lightning_compat.batches_that_stepped(self.trainer)
         self.position = None
         if self.rng is not None:
             restore_rng_state(self.rng)
@@ -206,7 +207,7 @@ class ResumeTracker:
         trainer = self.trainer
         if trainer is None:
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped
+        step = lightning_compat.batches_that_stepped(trainer)
         for logger in trainer.loggers:
             resume_from_step = getattr(logger, "resume_from_step", None)
             if callable(resume_from_step):
@@ -217,7 +218,7 @@ class ResumeTracker:
             if not isinstance(callback, ModelCheckpoint) or callback.dirpath is None:
                 continue
             if self.resumed:
-                callback._enable_version_counter = False
+                lightning_compat.keep_checkpoint_names(callback)
             directories.append(callback.dirpath)
         if trainer.is_global_zero:
             for directory in dict.fromkeys(str(d) for d in directories if "://" not in str(d)):

@@ -426,7 +426,7 @@ def test_an_allowed_override_on_resume_applies_and_the_progress_bar_flag_is_hono
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from lightning_paged.lightning.cli import cli_main
+    from lightning_paged.commands.cli import cli_main
 
     run_dir = tmp_path / "run"
     shutil.copytree(quick_run, run_dir)

@@ -13,18 +13,16 @@ from transformers import LlamaForCausalLM
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import SETTINGS
-from lightning_paged.core.layers4bit import DTYPES, STORAGE_DTYPES, ComputeDtype, StorageDtype
 from lightning_paged.core.qlora import (
     QUANT_TYPES,
     QLoRAConfig,
     QuantType,
-    convert_model,
     convert_to_qlora,
-    is_qlora,
     qlora_config,
     qlora_config_from_init_args,
     select_target,
 )
+from lightning_paged.core.qlora_config import DTYPES, STORAGE_DTYPES, ComputeDtype, StorageDtype
 
 FAST = QLoRAConfig(compute_dtype="float32", gradient_checkpointing=False, lora_dropout=0.0)
 
@@ -45,21 +43,6 @@ def test_conversion_quantizes_every_linear_but_the_skipped_and_trains_only_adapt
     assert report.trainable_params == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert 0 < report.quantized_bytes < report.replaced_16bit_bytes / 3  # about 4.5 bits in place of 16
     assert "linear layers quantized to 4-bit" in report.summary() and "KiB" in report.summary()
-
-
-def test_convert_model_converts_once_and_is_qlora_says_so():
-    model = tiny()
-    assert not is_qlora(model)
-    assert convert_model(model, FAST, torch.device("cpu")) is not None
-    assert is_qlora(model)
-    assert convert_model(model, FAST, None) is None  # already converted: left as it is
-
-
-def test_convert_model_names_a_bad_setting_where_the_user_wrote_it():
-    with pytest.raises(SettingError, match=r"^qlora\.target_modules match no linear layer"):
-        convert_model(tiny(), QLoRAConfig(target_modules=["nothing_here"]), torch.device("cpu"))
-    with pytest.raises(SettingError, match=r"^model_attr names no attribute"):
-        convert_model(tiny(), FAST, torch.device("cpu"), model_attr="missing")
 
 
 def test_settings_from_a_mapping_name_an_unknown_key_and_a_bad_value():

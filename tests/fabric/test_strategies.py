@@ -125,7 +125,7 @@ def test_checkpoint_with_another_lora_rank_is_refused(tmp_path):
     fabric.save(tmp_path / "r8.ckpt", {"model": model})
     fabric = make_fabric(QLoRAConfig(lora_r=4))
     model, _, _ = setup(fabric)
-    with pytest.raises(RuntimeError, match="another lora_r"):
+    with pytest.raises(RuntimeError, match=r"another qlora\.lora_r \(8 in the checkpoint, 4 now\)"):
         fabric.load(tmp_path / "r8.ckpt", {"model": model})
     fabric = make_fabric(QLoRAConfig(target_modules=["q_proj"]))
     model, _, _ = setup(fabric)

@@ -275,8 +275,8 @@ def test_an_optimizer_setting_changed_on_resume_takes_effect(tmp_path, data_file
 
 
 def test_last_is_the_newest_complete_checkpoint(tmp_path):
+    from lightning_paged.commands.resume_check import newest_checkpoint
     from lightning_paged.core.atomic import save_checkpoint_file
-    from lightning_paged.lightning.resume_check import newest_checkpoint
 
     save_checkpoint_file({"global_step": 2}, tmp_path / "last.ckpt")  # killed before last.ckpt moved on
     save_checkpoint_file({"global_step": 2}, tmp_path / "step=2.ckpt")

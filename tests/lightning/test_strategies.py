@@ -352,15 +352,31 @@ def test_single_device_strategy_refuses_several_devices():
         t.fit(LlamaModule(), train_dataloaders=batches(1))
 
 
-def test_strategy_signatures_cover_every_qlora_setting():
-    from dataclasses import fields
-    from inspect import signature
+def test_strategies_take_every_qlora_setting_by_name_and_refuse_an_unknown_one():
+    from dataclasses import asdict
 
     from lightning_paged import QLoRAConfig
 
-    names = {f.name for f in fields(QLoRAConfig)}
+    wanted = QLoRAConfig(
+        quant_type="fp4",
+        double_quant=False,
+        compute_dtype="float32",
+        quant_storage="float32",
+        skip_modules=["lm_head", "o_proj"],
+        lora_r=4,
+        lora_alpha=8,
+        lora_dropout=0.0,
+        target_modules=["q_proj"],
+        use_rslora=True,
+        use_dora=True,
+        gradient_checkpointing=False,
+        upcast_non_quantized=True,
+    )
+    assert wanted != QLoRAConfig() and all(v != getattr(QLoRAConfig(), k) for k, v in asdict(wanted).items())
     for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy):
-        assert names <= set(signature(cls.__init__).parameters), cls
+        assert cls(**asdict(wanted)).qlora == wanted, cls
+        with pytest.raises(SettingError, match=r"^trainer\.strategy\.init_args\.lora_rank is not a setting"):
+            cls(lora_rank=8)
 
 
 @pytest.mark.parametrize(
@@ -378,9 +394,21 @@ def test_cli_help_of_both_strategies_shows_each_qlora_setting_with_its_docstring
     help_text = " ".join(capsys.readouterr().out.split())
     docs = field_docs(QLoRAConfig)
     assert set(docs) == {f.name for f in fields(QLoRAConfig)}
+    entries: dict[str, str] = {}  # option name to its help entry (an option's "+" form joined to it)
+    for piece in help_text.split("Help for", 1)[1].split(" --trainer.strategy.")[1:]:
+        name = piece.split(" ", 1)[0].rstrip(",+")
+        entries[name] = entries.get(name, "") + " " + piece
+    defaults = QLoRAConfig()
     for name, doc in docs.items():
-        first_words = " ".join(doc.split()[:4])
-        assert f"--trainer.strategy.{name}" in help_text and first_words in help_text, name
+        # each field with its docstring, its type and its true default (a list's included)
+        entry = entries[name]
+        assert " ".join(doc.split()[:4]) in entry, name
+        default = getattr(defaults, name)
+        if cls is PagedQLoRAFSDPStrategy and name == "quant_storage":
+            default = None  # the FSDP strategy's own: unset takes compute_dtype
+        shown = "null" if default is None else str(default)
+        assert f"default: {shown})" in entry, (name, entry)
+    assert "default: ['lm_head']" in help_text
 
 
 def test_the_strategy_lets_callbacks_prepare_before_its_device_set_up(tiny_llama):

@@ -6,8 +6,9 @@ or zip-format PyTorch ``.bin`` files, memory-mapped) as it converts (:func:`load
 every rank from the same files. Pre-quantized bitsandbytes 4-bit directories are loaded as stored.
 """
 
+from lightning_paged.core.deferred import deferred_directory
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, find_weight_files
-from lightning_paged.core.loading.skeleton import deferred_directory, empty_model
+from lightning_paged.core.loading.skeleton import empty_model
 from lightning_paged.core.loading.stream import LoadReport, load_and_convert, load_unquantized
 
 __all__ = [

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from lightning_paged.core.errors import BadInput
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 BIN_INDEX_NAME = "pytorch_model.bin.index.json"
@@ -43,7 +45,7 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(BadInput, ValueError):
     """A model directory's weights cannot be loaded: the message names the file and tensor and what to do."""
 
 

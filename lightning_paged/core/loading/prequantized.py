@@ -10,6 +10,7 @@ weights are loaded as they are, never quantized a second time.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +20,52 @@ import torch
 from torch import nn
 
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.layers4bit import DTYPES, linear4bit
+from lightning_paged.core.layers4bit import linear4bit
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, listing
-from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.qlora_config import DTYPES, QLoRAConfig
 
 STATE_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map")
 BLOB_PREFIX = "quant_state.bitsandbytes__"
+
+
+def read_quantization_config(directory: Path) -> dict[str, Any] | None:
+    """The ``quantization_config`` of ``config.json``, None for an unquantized model."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightLoadError(
+            f"{path} cannot be read as JSON ({err}); it is truncated or damaged: save the model again"
+        ) from None
+    value = config.get("quantization_config") if isinstance(config, dict) else None
+    return dict(value) if isinstance(value, dict) else None
+
+
+def check_supported_quantization(directory: Path) -> None:
+    """Refuse a directory quantized in a way that cannot be loaded (anything but bitsandbytes 4-bit)."""
+    quant = read_quantization_config(directory)
+    if quant is None:
+        return
+    method = quant.get("quant_method")
+    supported = (
+        "supported: an unquantized model (16 or 32-bit safetensors, quantized to 4-bit while loading) or a "
+        "bitsandbytes 4-bit directory (quantization_config with load_in_4bit: true)"
+    )
+    if method != "bitsandbytes":
+        raise WeightLoadError(
+            f"{directory / 'config.json'} says the weights are quantized with quant_method={method!r}; "
+            f"{supported}. Give the original 16-bit model"
+        )
+    if quant.get("load_in_8bit"):
+        raise WeightLoadError(
+            f"{directory / 'config.json'} says the weights are bitsandbytes 8-bit (load_in_8bit: true), "
+            f"which QLoRA cannot train on; {supported}. Give the original 16-bit model"
+        )
+    if not quant.get("load_in_4bit"):
+        raise WeightLoadError(
+            f"{directory / 'config.json'} has a bitsandbytes quantization_config that is neither 4-bit nor "
+            f"8-bit; {supported}"
+        )
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,6 @@ not saved (rotary frequencies) are computed as usual on the host: they are small
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -16,64 +15,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
-
-_MARK = "_lightning_paged_weights"
-
-
-def deferred_directory(model: nn.Module) -> Path | None:
-    """The directory whose weights ``model`` still waits for, or None when it holds its weights."""
-    directory = getattr(model, _MARK, None)
-    return Path(directory) if directory is not None else None
-
-
-def mark_deferred(model: nn.Module, directory: Path | None) -> None:
-    """Record (or, with None, clear) the directory ``model`` will take its weights from."""
-    if directory is None:
-        if _MARK in model.__dict__:
-            del model.__dict__[_MARK]
-    else:
-        model.__dict__[_MARK] = str(directory)
-
-
-def read_quantization_config(directory: Path) -> dict[str, Any] | None:
-    """The ``quantization_config`` of ``config.json``, None for an unquantized model."""
-    path = directory / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        raise WeightLoadError(
-            f"{path} cannot be read as JSON ({err}); it is truncated or damaged: save the model again"
-        ) from None
-    value = config.get("quantization_config") if isinstance(config, dict) else None
-    return dict(value) if isinstance(value, dict) else None
-
-
-def check_supported_quantization(directory: Path) -> None:
-    """Refuse a directory quantized in a way that cannot be loaded (anything but bitsandbytes 4-bit)."""
-    quant = read_quantization_config(directory)
-    if quant is None:
-        return
-    method = quant.get("quant_method")
-    supported = (
-        "supported: an unquantized model (16 or 32-bit safetensors, quantized to 4-bit while loading) or a "
-        "bitsandbytes 4-bit directory (quantization_config with load_in_4bit: true)"
-    )
-    if method != "bitsandbytes":
-        raise WeightLoadError(
-            f"{directory / 'config.json'} says the weights are quantized with quant_method={method!r}; "
-            f"{supported}. Give the original 16-bit model"
-        )
-    if quant.get("load_in_8bit"):
-        raise WeightLoadError(
-            f"{directory / 'config.json'} says the weights are bitsandbytes 8-bit (load_in_8bit: true), "
-            f"which QLoRA cannot train on; {supported}. Give the original 16-bit model"
-        )
-    if not quant.get("load_in_4bit"):
-        raise WeightLoadError(
-            f"{directory / 'config.json'} has a bitsandbytes quantization_config that is neither 4-bit nor "
-            f"8-bit; {supported}"
-        )
+from lightning_paged.core.compat.torch import own_parameters
+from lightning_paged.core.deferred import DeferredWeights, mark_deferred
+from lightning_paged.core.loading.files import WeightFiles
+from lightning_paged.core.loading.prequantized import check_supported_quantization
+from lightning_paged.core.loading.stream import load_and_convert
 
 
 @contextlib.contextmanager
@@ -84,7 +30,9 @@ def parameters_on_meta() -> Iterator[None]:
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.data.to("meta"), requires_grad=param.requires_grad)
+            own_parameters(module)[name] = nn.Parameter(
+                param.data.to("meta"), requires_grad=param.requires_grad
+            )
 
     nn.Module.register_parameter = register_on_meta  # type: ignore[method-assign,assignment]
     try:
@@ -125,5 +73,5 @@ def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or checkpoint_dtype(config))
     if (directory / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(str(directory), local_files_only=True)
-    mark_deferred(model, directory)
+    mark_deferred(model, DeferredWeights(directory, load_and_convert))
     return model.train()

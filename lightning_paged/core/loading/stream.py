@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.torch import own_buffers, own_parameters
+from lightning_paged.core.compat.transformers import keys_to_ignore_on_load
+from lightning_paged.core.deferred import mark_deferred
 from lightning_paged.core.layers4bit import non_quantized_dtype, quantize_linear, set_submodule
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, file_key_for, ignored, listing
 from lightning_paged.core.loading.prequantized import (
@@ -25,10 +28,12 @@ from lightning_paged.core.loading.prequantized import (
     check_settings,
     layer_from_files,
     read_prequantized,
+    read_quantization_config,
     stored_shape,
 )
-from lightning_paged.core.loading.skeleton import mark_deferred, read_quantization_config
-from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, _matches, convert_to_qlora
+from lightning_paged.core.qlora import ConversionReport, convert_to_qlora
+from lightning_paged.core.qlora_config import QLoRAConfig
+from lightning_paged.core.selection import matches
 
 
 @dataclass
@@ -61,7 +66,7 @@ class _Plan:
 
 def _linear_selection(model: nn.Module, config: QLoRAConfig) -> list[str]:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [n for n in names if not _matches(n, config.skip_modules)]
+    return [n for n in names if not matches(n, config.skip_modules)]
 
 
 def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Plan:
@@ -92,7 +97,7 @@ def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Pla
     sources: dict[str, str] = {}
     missing: list[str] = []
     bad_shapes: list[str] = []
-    ignore_missing = getattr(model, "_keys_to_ignore_on_load_missing", None)
+    ignore_missing = keys_to_ignore_on_load(model, "missing")
     for ident, names in groups.items():
         key = next((k for k in (file_key_for(n, keys, prefix) for n in names) if k is not None), None)
         if key is None:
@@ -110,7 +115,7 @@ def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Pla
             bad_shapes.append(
                 f"{files.where(key)} has shape {list(found)} where the model has {list(expected)}"
             )
-    ignore_unexpected = getattr(model, "_keys_to_ignore_on_load_unexpected", None)
+    ignore_unexpected = keys_to_ignore_on_load(model, "unexpected")
     unexpected = [k for k in files.entries if k not in consumed and not ignored(k, ignore_unexpected)]
 
     config_file = files.directory / "config.json"
@@ -246,7 +251,8 @@ def _place_unquantized(
     count = 0
     for module_name, module in model.named_modules() if modules is None else modules:
         prefix = f"{module_name}." if module_name else ""
-        for name, param in list(module._parameters.items()):
+        params, buffers = own_parameters(module), own_buffers(module)
+        for name, param in list(params.items()):
             if param is None or (module_name in plan.quantized and name == "weight"):
                 continue
             if id(param) not in placed:
@@ -254,16 +260,16 @@ def _place_unquantized(
                 dtype = dtype_of(module) if tensor.is_floating_point() else tensor.dtype
                 placed[id(param)] = nn.Parameter(tensor.to(device=device, dtype=dtype), param.requires_grad)
                 count += 1
-            module._parameters[name] = placed[id(param)]
-        for name, buffer in list(module._buffers.items()):
+            params[name] = placed[id(param)]
+        for name, buffer in list(buffers.items()):
             if buffer is None:
                 continue
             key = plan.sources.get(prefix + name)
             if key is not None:  # a persistent buffer, saved with the weights
-                module._buffers[name] = files.read(key).to(device=device, dtype=buffer.dtype)
+                buffers[name] = files.read(key).to(device=device, dtype=buffer.dtype)
                 count += 1
             else:
-                module._buffers[name] = buffer.to(device)
+                buffers[name] = buffer.to(device)
     return count
 
 
@@ -273,12 +279,13 @@ def _empty_again(model: nn.Module, swapped: list[tuple[str, nn.Module]], device:
         set_submodule(model, name, linear)
     emptied: dict[int, nn.Parameter] = {}
     for module in model.modules():
-        for name, param in list(module._parameters.items()):
+        params = own_parameters(module)
+        for name, param in list(params.items()):
             if param is None or param.device.type == "meta":
                 continue
             if id(param) not in emptied:
                 emptied[id(param)] = nn.Parameter(torch.empty_like(param, device="meta"), requires_grad=False)
-            module._parameters[name] = emptied[id(param)]
+            params[name] = emptied[id(param)]
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

@@ -8,45 +8,63 @@ position and random generator states, see :mod:`lightning_paged.lightning.resume
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from dataclasses import asdict
+from collections.abc import Mapping
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.utilities.seed import reset_seed
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.compat import lightning as lightning_compat
+from lightning_paged.compat.lightning import PathLike as _PATH
+from lightning_paged.core.adapter_checkpoint import CHECKPOINT_KEY, AdapterCheckpoint
 from lightning_paged.core.adapters import check_optimizers, load_adapter_state_dict
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fingerprint import (
-    Fingerprint,
-    describe_differences,
-    fingerprint,
-    mismatch_error,
-)
+from lightning_paged.core.fingerprint import Fingerprint
 from lightning_paged.core.layers4bit import linear4bit_layers, restore_training_layout
-from lightning_paged.core.qlora import (
-    ConversionReport,
-    QLoRAConfig,
-    convert_to_qlora,
-    qlora_config_from_init_args,
-    select_layers,
-    select_target,
-)
-from lightning_paged.core.settings import args_section, field_docs
+from lightning_paged.core.prepare import Prepared, Shard, prepare_model
+from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, select_layers, select_target
+from lightning_paged.core.qlora_config import QLORA_FIELDS, qlora_config_from_init_args
+from lightning_paged.core.settings import SettingPlaces, args_section, field_docs, settings_from_mapping
 from lightning_paged.lightning.resume import ResumeTracker
 
-SETTING_PREFIX = "trainer.strategy.init_args."
-CHECKPOINT_KEY = "lightning_paged"
-"""Where the strategies keep their section of a Lightning checkpoint."""
-CHECKPOINT_FORMAT = 1
+PLACES = SettingPlaces(
+    qlora="trainer.strategy.init_args.",
+    strategy="trainer.strategy.init_args.",
+    optimizer="model.optimizer.",
+    precision="trainer.precision",
+    devices="trainer.devices",
+)
+"""Where a Lightning user's settings live in a LightningCLI config: the strategies' init arguments
+(their QLoRA settings among them, flat), the module's ``optimizer`` argument
+(:class:`~lightning_paged.PagedOptimizerMixin`) and the Trainer's ``precision`` and ``devices``."""
+SETTING_PREFIX = PLACES.strategy
+
+__all__ = [
+    "CHECKPOINT_KEY",
+    "PLACES",
+    "SETTING_PREFIX",
+    "QLoRAStrategyMixin",
+    "qlora_config_from",
+    "qlora_settings",
+]
+
+
+def qlora_settings(**qlora: Any) -> QLoRAConfig:
+    """A strategy's QLoRA settings from its ``**qlora`` init arguments: :class:`QLoRAConfig`'s fields.
+
+    LightningCLI follows ``**qlora`` to ``QLoRAConfig(**qlora)`` here and shows every field as a flat,
+    typed and documented init argument with its true default (``--trainer.strategy.init_args.lora_r``).
+    """
+    if not set(qlora) <= set(QLORA_FIELDS):  # refused, naming the first unknown setting and every known one
+        return settings_from_mapping(QLoRAConfig, qlora, SETTING_PREFIX)
+    return settings_from_mapping(QLoRAConfig, QLoRAConfig(**qlora), SETTING_PREFIX)
 
 
 def qlora_config_from(settings: Mapping[str, Any]) -> QLoRAConfig:
-    """A :class:`QLoRAConfig` from a strategy's init arguments (``None`` keeps a field's default)."""
+    """The QLoRA settings of a strategy's saved init arguments (a run's config; ``None`` keeps a default)."""
     return qlora_config_from_init_args(settings, SETTING_PREFIX)
 
 
@@ -72,9 +90,14 @@ class QLoRAStrategyMixin:
         self._converted: Any = None  # the LightningModule converted, once setup ran
         self._layers4bit: list[torch.nn.Module] = []
         self._trainable_keys: set[str] = set()
-        self.fingerprint: Fingerprint | None = None
-        self._adapter_info: dict[str, Any] = {}
+        self.prepared: Prepared | None = None
+        """What the conversion did and took (fingerprint, adapter place), once setup ran."""
         self._resume = ResumeTracker()
+
+    @property
+    def fingerprint(self) -> Fingerprint | None:
+        """The base model and settings the adapters are trained on, once setup converted the model."""
+        return self.prepared.fingerprint if self.prepared is not None else None
 
     def setup_environment(self) -> None:
         """Let callbacks prepare before CUDA: the base class's device set-up creates the CUDA context.
@@ -82,8 +105,7 @@ class QLoRAStrategyMixin:
         A callback with a ``before_cuda_init(device)`` method (the eviction monitor configures its
         CUPTI counters there, as NVIDIA's samples do) gets the root device first.
         """
-        module = getattr(self, "_lightning_module", None)
-        trainer = getattr(module, "_trainer", None)
+        trainer = lightning_compat.attached_trainer(self)
         for callback in getattr(trainer, "callbacks", None) or []:
             hook = getattr(callback, "before_cuda_init", None)
             if callable(hook):
@@ -96,7 +118,7 @@ class QLoRAStrategyMixin:
             return
         name = getattr(precision, "precision", type(precision).__name__)
         raise SettingError(
-            "trainer.precision",
+            PLACES.precision,
             name,
             f"conflicts with {type(self).__name__}, which owns dtypes: 4-bit matmuls run in "
             f"compute_dtype={self.qlora.compute_dtype!r} and casting the quantized model would corrupt it. "
@@ -122,34 +144,40 @@ class QLoRAStrategyMixin:
         except SettingError as err:
             raise err.located(SETTING_PREFIX) from None
 
-    def _convert(
-        self,
-        module: pl.LightningModule,
-        device: torch.device,
-        convert: Callable[[torch.nn.Module], ConversionReport] | None = None,
-    ) -> None:
-        """Convert ``module``'s target once (``convert`` instead of the whole-model conversion).
+    def _convert(self, module: pl.LightningModule, device: torch.device, shard: Shard | None = None) -> None:
+        """Convert ``module``'s target once, through the core's one entry (``shard``: convert and shard).
 
-        The random generators are first reset to the seed of ``seed_everything`` (Lightning's
-        ``reset_seed``; nothing without it), as the parallel strategies already do at set-up
-        (lightning ``strategies/ddp.py`` and ``model_parallel.py``, ``_setup_distributed``): the
-        adapters start from the same values on one device as on several.
+        The random generators are reset to the seed of ``seed_everything`` right before the
+        conversion (Lightning's ``reset_seed``; nothing without it), as the parallel strategies already
+        do at set-up (lightning ``strategies/ddp.py`` and ``model_parallel.py``, ``_setup_distributed``):
+        the adapters start from the same values on one device as on several.
         """
         if self._converted is module:
             return
-        target = select_target(module, self.model_attr)
-        self.fingerprint = fingerprint(target, self.qlora)  # of the weights before quantization
-        reset_seed()
-        try:
-            report = (convert or (lambda t: convert_to_qlora(t, self.qlora, device=device)))(target)
-        except SettingError as err:
-            raise err.located(SETTING_PREFIX) from None
-        self._adapter_info = _adapter_info(module, target)
-        self.conversion_report = report
+        prepared = prepare_model(
+            module,
+            self.qlora,
+            device,
+            model_attr=self.model_attr,
+            where=SETTING_PREFIX,
+            others_where=SETTING_PREFIX,
+            shard=shard,
+            before_conversion=reset_seed,
+        )
+        if prepared is None:
+            raise SettingError(
+                "model",
+                type(select_target(module, self.model_attr)).__name__,
+                "holds 4-bit layers already (converted by hand); a QLoRA strategy converts the model itself: "
+                "give it the unconverted model",
+                where=SETTING_PREFIX,
+            )
+        self.prepared = prepared
+        self.conversion_report = prepared.report
         self._converted = module
         self._layers4bit = linear4bit_layers(module)
         self._trainable_keys = {n for n, p in module.named_parameters() if p.requires_grad}
-        rank_zero_info(report.summary())
+        rank_zero_info(prepared.report.summary())
 
     def setup(self, trainer: pl.Trainer) -> None:
         self._resume.begin(trainer)
@@ -181,19 +209,12 @@ class QLoRAStrategyMixin:
         super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
 
     def checkpoint_metadata(self, checkpoint: dict[str, Any] | None = None) -> dict[str, Any]:
-        """This strategy's section of a checkpoint (every rank must call it: it gathers RNG states).
+        """This strategy's record in a checkpoint (every rank must call it: it gathers RNG states).
 
         The fit loop's counters in ``checkpoint`` are settled first: see :mod:`lightning_paged.lightning.resume`.
         """
-        assert self.fingerprint is not None
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "fingerprint": self.fingerprint.to_dict(),
-            "qlora": asdict(self.qlora),
-            "model_attr": self.model_attr,
-            **self._adapter_info,
-            "resume": self._resume.state(checkpoint),
-        }
+        assert self.prepared is not None
+        return self.prepared.checkpoint_record(resume=self._resume.state(checkpoint)).to_dict()
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """Only the trainable weights: the frozen base is rebuilt from the model source on load."""
@@ -207,26 +228,24 @@ class QLoRAStrategyMixin:
         if self._converted is not module:
             module.load_state_dict(checkpoint["state_dict"], strict=strict)
             return
-        saved = checkpoint.get(CHECKPOINT_KEY)
-        self._check_fingerprint(saved)
+        record = AdapterCheckpoint.read(checkpoint)
+        self._check_record(record)
         load_adapter_state_dict(module, checkpoint["state_dict"], strict=strict)
-        if saved is not None:
-            self._resume.restore(saved.get("resume"), self.global_rank, self.world_size)  # type: ignore[attr-defined]
+        if record is not None:
+            self._resume.restore(record.resume, self.global_rank, self.world_size)  # type: ignore[attr-defined]
 
-    def _check_fingerprint(self, saved: Mapping[str, Any] | None) -> None:
-        if saved is None or "fingerprint" not in saved:
+    def _check_record(self, record: AdapterCheckpoint | None) -> None:
+        if record is None:
             rank_zero_warn(
                 "The checkpoint carries no base-model fingerprint (it was not written by a lightning_paged "
                 "strategy): whether it was trained on this base model and settings cannot be checked."
             )
             return
         assert self.fingerprint is not None
-        differences = describe_differences(Fingerprint.from_dict(saved["fingerprint"]), self.fingerprint)
-        if differences:
-            raise mismatch_error(
-                differences,
-                "Resume with the base model and strategy settings of the run that wrote it, or start a new run.",
-            )
+        record.check(
+            self.fingerprint,
+            "Resume with the base model and strategy settings of the run that wrote it, or start a new run.",
+        )
 
     def teardown(self) -> None:
         module = self.lightning_module  # type: ignore[attr-defined]
@@ -261,17 +280,3 @@ class QLoRAStrategyMixin:
 QLoRAStrategyMixin.__doc__ = (QLoRAStrategyMixin.__doc__ or "").rstrip() + args_section(
     field_docs(QLoRAConfig)
 )
-
-
-def _adapter_info(module: torch.nn.Module, target: torch.nn.Module) -> dict[str, Any]:
-    """What ``lightning-paged export`` needs to turn the checkpoint's adapter weights into a PEFT adapter."""
-    import json
-
-    prefix = next((f"{name}." if name else "" for name, m in module.named_modules() if m is target), "")
-    peft_config = getattr(target, "peft_config", {}).get("default")
-    config = json.loads(json.dumps(peft_config.to_dict(), default=list)) if peft_config is not None else None
-    return {
-        "target_prefix": prefix,
-        "peft_config": config,
-        "task_type": "CAUSAL_LM" if type(target).__name__.endswith("ForCausalLM") else None,
-    }

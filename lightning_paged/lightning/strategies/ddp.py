@@ -11,15 +11,9 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.strategies import DDPStrategy
 from typing_extensions import override
 
-from lightning_paged.core.adapters import broadcast_from_rank_zero
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
-from lightning_paged.core.loading import deferred_directory
-from lightning_paged.core.qlora import QLoRAConfig, QuantType, select_target
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
-from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
-
-_D = QLoRAConfig()
+from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_settings
 
 
 class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
@@ -41,25 +35,13 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
         process_group_backend: ``"nccl"``, ``"gloo"``; by default the accelerator's.
         timeout: Collective timeout.
         start_method: Must be ``"popen"``.
+        **qlora: The QLoRA settings, :class:`~lightning_paged.QLoRAConfig`'s fields.
     """
 
     strategy_name = "paged_qlora_ddp"
 
     def __init__(
         self,
-        quant_type: QuantType = _D.quant_type,
-        double_quant: bool = _D.double_quant,
-        compute_dtype: ComputeDtype = _D.compute_dtype,
-        quant_storage: StorageDtype = _D.quant_storage,
-        skip_modules: list[str] | None = None,
-        lora_r: int = _D.lora_r,
-        lora_alpha: int = _D.lora_alpha,
-        lora_dropout: float = _D.lora_dropout,
-        target_modules: str | list[str] = _D.target_modules,
-        use_rslora: bool = _D.use_rslora,
-        use_dora: bool = _D.use_dora,
-        gradient_checkpointing: bool = _D.gradient_checkpointing,
-        upcast_non_quantized: bool = _D.upcast_non_quantized,
         model_attr: str | None = "auto",
         find_unused_parameters: bool = False,
         process_group_backend: str | None = None,
@@ -70,8 +52,9 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
         cluster_environment: Any = None,
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
+        **qlora: Any,
     ) -> None:
-        config = qlora_config_from(locals())
+        config = qlora_settings(**qlora)
         if start_method != "popen":
             raise SettingError(
                 "start_method",
@@ -99,11 +82,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
         self._check_precision()
         module = self.lightning_module
         assert module is not None
-        if self._converted is not module:
-            target = select_target(module, self.model_attr)
-            if deferred_directory(target) is None:  # a directory model: each rank reads the files
-                broadcast_from_rank_zero(target, self.root_device)
-        self._convert(module, self.root_device)
+        self._convert(module, self.root_device)  # on rank zero's weights, or each rank from a directory
         super().setup(trainer)
 
     @classmethod

@@ -9,14 +9,13 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from typing_extensions import override
 
-from lightning_paged.core.adapters import broadcast_from_rank_zero
+from lightning_paged.compat.lightning import PathLike as _PATH
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp import (
     STRATEGY_DESCRIPTION,
@@ -34,13 +33,15 @@ from lightning_paged.core.fsdp_optimizer import (
     model_parameters,
     shard_optimizer,
 )
-from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
-from lightning_paged.core.loading import deferred_directory
-from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, QuantType, select_target
+from lightning_paged.core.qlora import ConversionReport, QLoRAConfig
+from lightning_paged.core.qlora_config import StorageDtype
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
-from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_config_from
-
-_D = QLoRAConfig()
+from lightning_paged.lightning.strategies.base import (
+    PLACES,
+    SETTING_PREFIX,
+    QLoRAStrategyMixin,
+    qlora_settings,
+)
 
 
 class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
@@ -72,37 +73,26 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             them again for the backward (less memory, one more all-gather per block).
         process_group_backend: ``"nccl"``, ``"gloo"``; by default the accelerator's.
         timeout: Collective timeout.
+        **qlora: The other QLoRA settings, :class:`~lightning_paged.QLoRAConfig`'s fields.
     """
 
     strategy_name = "paged_qlora_fsdp"
 
     def __init__(
         self,
-        quant_type: QuantType = _D.quant_type,
-        double_quant: bool = _D.double_quant,
-        compute_dtype: ComputeDtype = _D.compute_dtype,
         quant_storage: StorageDtype | None = None,
-        skip_modules: list[str] | None = None,
-        lora_r: int = _D.lora_r,
-        lora_alpha: int = _D.lora_alpha,
-        lora_dropout: float = _D.lora_dropout,
-        target_modules: str | list[str] = _D.target_modules,
-        use_rslora: bool = _D.use_rslora,
-        use_dora: bool = _D.use_dora,
-        gradient_checkpointing: bool = _D.gradient_checkpointing,
-        upcast_non_quantized: bool = _D.upcast_non_quantized,
         model_attr: str | None = "auto",
         block_class: str | None = None,
         reshard_after_forward: bool = True,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
+        **qlora: Any,
     ) -> None:
-        settings = dict(locals())
+        config = qlora_settings(**qlora)
         try:
-            settings["quant_storage"] = sharding_storage(quant_storage, compute_dtype)
+            config.quant_storage = sharding_storage(quant_storage, config.compute_dtype)  # type: ignore[assignment]
         except SettingError as err:
             raise err.located(SETTING_PREFIX) from None
-        config = qlora_config_from(settings)
         super().__init__(
             data_parallel_size="auto",
             tensor_parallel_size=1,
@@ -119,12 +109,12 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     @override
     def _check_precision(self) -> None:
         super()._check_precision()
-        check_precision(getattr(self.precision_plugin, "precision", None), "trainer.precision")
+        check_precision(getattr(self.precision_plugin, "precision", None), PLACES.precision)
 
     @override
     def setup_environment(self) -> None:
         world = self.num_nodes * self.num_processes
-        check_world_size(world, "trainer.devices")
+        check_world_size(world, PLACES.devices)
         self._data_parallel_size = world  # one flat mesh: every process holds a shard
         super().setup_environment()
 
@@ -135,14 +125,12 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         module = self.lightning_module
         assert module is not None and self.model is not None and self.accelerator is not None
         if self._converted is not module:
-            target = select_target(module, self.model_attr)
-            if deferred_directory(target) is None:  # a directory model: each rank reads the files
-                broadcast_from_rank_zero(target, self.root_device)
             self._convert(module, self.root_device, self._convert_and_shard)
             module.to(
                 self.root_device
             )  # what the module holds beside its model (FSDPModule._apply keeps shards)
-            assert self.shard_report is not None
+            assert self.prepared is not None and self.prepared.shard is not None
+            self.shard_report = self.prepared.shard
             rank_zero_info(self.shard_report.summary())
         self.accelerator.setup(trainer)
         # gradient clipping must see the sharded gradients, not the optimizer's local proxies
@@ -153,17 +141,18 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             self.setup_optimizers(trainer)
         self.setup_precision_plugin()
 
-    def _convert_and_shard(self, target: torch.nn.Module) -> ConversionReport:
+    def _convert_and_shard(
+        self, target: torch.nn.Module, config: QLoRAConfig, device: torch.device
+    ) -> tuple[ConversionReport, ShardReport]:
         """Quantize and shard one block at a time: this rank keeps its shard of each before reading the next."""
-        report, self.shard_report = convert_and_shard(
+        return convert_and_shard(
             target,
-            self.qlora,
-            self.root_device,
+            config,
+            device,
             self.device_mesh["data_parallel"],
             block_class=self.block_class,
             reshard_after_forward=self.reshard_after_forward,
         )
-        return report
 
     @override
     def setup_optimizers(self, trainer: pl.Trainer) -> None:
@@ -172,7 +161,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             try:
                 shard_optimizer(optimizer)
             except SettingError as err:
-                raise err.located("model.optimizer.") from None
+                raise err.located(PLACES.optimizer) from None
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -193,7 +182,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
     def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The state one process would hold, gathered on rank zero (every rank takes part)."""
         if isinstance(optimizer, LightningOptimizer):
-            optimizer = optimizer._optimizer
+            optimizer = optimizer.optimizer
         return gathered_optimizer_state(optimizer)
 
     @property

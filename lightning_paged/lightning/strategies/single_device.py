@@ -6,17 +6,13 @@ from typing import Any
 
 import lightning.pytorch as pl
 import torch
-from lightning.fabric.utilities.types import _DEVICE
 from lightning.pytorch.strategies import SingleDeviceStrategy
 from typing_extensions import override
 
+from lightning_paged.compat.lightning import Device as _DEVICE
 from lightning_paged.core.devices import check_one_device, chosen_device
-from lightning_paged.core.layers4bit import ComputeDtype, StorageDtype
-from lightning_paged.core.qlora import QLoRAConfig, QuantType
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
-from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin, qlora_config_from
-
-_D = QLoRAConfig()
+from lightning_paged.lightning.strategies.base import PLACES, QLoRAStrategyMixin, qlora_settings
 
 
 class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
@@ -33,37 +29,27 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     be ``"bf16-mixed"``; true half precision is refused (casting would corrupt the 4-bit weights).
 
     Every field of :class:`~lightning_paged.QLoRAConfig` is an init argument of the same name,
-    type and default (``quant_type``, ``lora_r``, ...), described there.
+    type and default (``quant_type``, ``lora_r``, ...), described there: ``**qlora`` goes to
+    ``QLoRAConfig(**qlora)``, and LightningCLI shows each as ``--trainer.strategy.init_args.<field>``.
 
     Args:
         model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
         device: The device; by default the one the Trainer's ``accelerator``/``devices`` select.
+        **qlora: The QLoRA settings, :class:`~lightning_paged.QLoRAConfig`'s fields.
     """
 
     strategy_name = "paged_qlora"
 
     def __init__(
         self,
-        quant_type: QuantType = _D.quant_type,
-        double_quant: bool = _D.double_quant,
-        compute_dtype: ComputeDtype = _D.compute_dtype,
-        quant_storage: StorageDtype = _D.quant_storage,
-        skip_modules: list[str] | None = None,
-        lora_r: int = _D.lora_r,
-        lora_alpha: int = _D.lora_alpha,
-        lora_dropout: float = _D.lora_dropout,
-        target_modules: str | list[str] = _D.target_modules,
-        use_rslora: bool = _D.use_rslora,
-        use_dora: bool = _D.use_dora,
-        gradient_checkpointing: bool = _D.gradient_checkpointing,
-        upcast_non_quantized: bool = _D.upcast_non_quantized,
         model_attr: str | None = "auto",
         device: _DEVICE | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: Any = None,
         precision_plugin: Any = None,
+        **qlora: Any,
     ) -> None:
-        config = qlora_config_from(locals())
+        config = qlora_settings(**qlora)
         super().__init__(
             device=device if device is not None else "cpu",
             accelerator=accelerator,
@@ -83,7 +69,7 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     @override
     def setup_environment(self) -> None:
         if not self._explicit_device:
-            check_one_device(self.parallel_devices, "trainer.devices")
+            check_one_device(self.parallel_devices, PLACES.devices)
         super().setup_environment()
 
     @override

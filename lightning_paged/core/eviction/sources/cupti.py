@@ -173,12 +173,9 @@ class StepAttributor:
 
 def torch_profiler_active() -> bool:
     """True while a PyTorch (Kineto) profiler session is running in this process."""
-    import torch
+    from lightning_paged.core.compat.torch import profiler_active
 
-    probe = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
-    if probe is not None:
-        return bool(probe())
-    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+    return profiler_active()
 
 
 class CuptiSource(EventSource):

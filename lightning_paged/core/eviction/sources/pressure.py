@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from itertools import pairwise
-from typing import Protocol
+from typing import Any, Protocol
 
 from lightning_paged.core.eviction.records import StepCounters
 from lightning_paged.core.eviction.sources.base import EventSource
@@ -116,8 +116,10 @@ def _allocator_stats(device_index: int) -> tuple[int, int, int]:
     """(reserved bytes, alloc retries, OOMs) of the caching allocator."""
     import torch
 
+    from lightning_paged.core.compat.torch import cuda_allocator_stats
+
     try:  # the nested form skips the flattening that torch.cuda.memory_stats does on every call
-        nested = torch._C._cuda_memoryStats(device_index)
+        nested: Any = cuda_allocator_stats(device_index)
         return (
             int(nested["reserved_bytes"]["all"]["current"]),
             int(nested["num_alloc_retries"]),

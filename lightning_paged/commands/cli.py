@@ -14,27 +14,30 @@ from argparse import ArgumentError
 from pathlib import Path
 from typing import Any
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ProgressBar, RichProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from typing_extensions import override
 
-from lightning_paged.core.errors import SettingError, UsageError
-from lightning_paged.lightning.cli_errors import (
+from lightning_paged.commands.cli_errors import (
     config_files,
     explain_interpolation_error,
     explain_parse_error,
     explain_yaml_error,
     instantiating_key,
     locate_setting_error,
+    one_line,
 )
-from lightning_paged.lightning.config_checks import (
+from lightning_paged.commands.config_checks import (
     check_checkpoint_path,
     check_command_line_comments,
     check_config,
     check_val_check_interval,
 )
+from lightning_paged.compat import jsonargparse as jsonargparse_compat
+from lightning_paged.core.errors import BadInput, SettingError, UsageError
 
 PREDICT_LEFT_OUT = (
     "predict is not a lightning-paged subcommand: no module or data module here defines prediction yet. "
@@ -73,7 +76,7 @@ class PagedCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except ArgumentError as err:
-            if "Problems parsing config" in str(err):
+            if jsonargparse_compat.PROBLEMS_PARSING_CONFIG in str(err):
                 raise explain_yaml_error(config_files(argv)) or explain_parse_error(err) from err
             raise explain_parse_error(err, known=self._parser_keys(argv)) from err
         except Exception as err:
@@ -88,7 +91,8 @@ class PagedCLI(LightningCLI):
         """The keys of the subcommand's parser (``trainer.max_steps``, ...), for "did you mean"."""
         parsers = getattr(self, "_subcommand_parsers", {})
         parser = next((parsers[a] for a in argv if a in parsers), getattr(self, "parser", None))
-        return [a.dest for a in getattr(parser, "_actions", []) if a.dest and a.dest != "help"]
+        dests = [getattr(a, "dest", None) for a in jsonargparse_compat.parser_actions(parser)]
+        return [d for d in dests if d and d != "help"]
 
     @override
     def _parse_ckpt_path(self) -> None:
@@ -111,10 +115,12 @@ class PagedCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         try:
             super().instantiate_classes()
-        except (SettingError, UsageError):
+        except BadInput:
             raise
+        except MisconfigurationException as err:  # Lightning's own bad-input error (the Trainer's settings)
+            raise UsageError(one_line(str(err))) from err
         except Exception as err:
-            if not str(err).startswith("Does not validate against any of the Union subtypes"):
+            if not str(err).startswith(jsonargparse_compat.UNION):
                 raise
             raise explain_parse_error(err, root=instantiating_key(err)) from err
 
@@ -124,6 +130,8 @@ class PagedCLI(LightningCLI):
             super()._run_subcommand(subcommand)
         except SettingError as err:
             raise locate_setting_error(err) from err
+        except MisconfigurationException as err:
+            raise UsageError(one_line(str(err))) from err
 
     @override
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
@@ -134,7 +142,7 @@ class PagedCLI(LightningCLI):
 
     def _check_checkpoint(self) -> None:
         """Resolve and check ``--ckpt_path`` before the subcommand writes anything into the run."""
-        from lightning_paged.lightning.resume_check import check_resume
+        from lightning_paged.commands.resume_check import check_resume
 
         assert self.subcommand is not None
         arguments = self.config_init[self.subcommand]
@@ -211,7 +219,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, description: str =
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
     from jsonargparse import set_parsing_settings
 
-    from lightning_paged.lightning.config_callback import RunConfigCallback
+    from lightning_paged.commands.config_callback import RunConfigCallback
 
     # Subcommands nest the config under "fit."; this keeps ${vars.x} in a config file pointing at
     # the file's own top level, still resolved after command-line overrides are merged.

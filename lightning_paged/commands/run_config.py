@@ -11,45 +11,49 @@ import copy
 from pathlib import Path
 from typing import Any
 
+from lightning_paged.commands.resume_check import newest_checkpoint
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import ExportError
 from lightning_paged.core.qlora import QLoRAConfig
-from lightning_paged.lightning.resume_check import newest_checkpoint
 from lightning_paged.lightning.strategies.base import qlora_config_from
 
 CONFIG_NAME = "config.yaml"
 QLORA_STRATEGIES = ("paged_qlora", "paged_qlora_ddp", "paged_qlora_fsdp")
 
 
-def locate_run(path: Path, config: Path | None) -> tuple[Path, Path]:
-    """``(checkpoint, config.yaml)`` of a run directory or a checkpoint file."""
+def locate_checkpoint(path: Path) -> Path:
+    """The checkpoint ``path`` names: the file itself, or a run directory's newest complete checkpoint."""
     if not path.exists():
         raise ExportError(f"RUN_OR_CHECKPOINT {path} does not exist")
-    if path.is_dir():
-        directories = sorted({p.parent for p in path.rglob("*.ckpt") if p.is_file()})
-        if not directories:
-            raise ExportError(f"run directory {path} holds no checkpoint (*.ckpt)")
-        newest = newest_checkpoint(directories)
-        if newest is None:
-            raise ExportError(
-                f"run directory {path} holds no readable checkpoint (*.ckpt); see the warnings above"
-            )
-        checkpoint = newest
-        # the config nearest the checkpoint: its own version's under a logger that numbers them
-        roots = [checkpoint.parents[i] for i in range(len(checkpoint.relative_to(path).parts))]
-    else:
-        checkpoint = path
-        roots = [path.parent, path.parent.parent, path.parent.parent.parent]
+    if not path.is_dir():
+        return path
+    directories = sorted({p.parent for p in path.rglob("*.ckpt") if p.is_file()})
+    if not directories:
+        raise ExportError(f"run directory {path} holds no checkpoint (*.ckpt)")
+    newest = newest_checkpoint(directories)
+    if newest is None:
+        raise ExportError(
+            f"run directory {path} holds no readable checkpoint (*.ckpt); see the warnings above"
+        )
+    return newest
+
+
+def locate_config(path: Path, checkpoint: Path, config: Path | None) -> Path:
+    """The run's ``config.yaml``: ``config``, else the one nearest ``checkpoint`` (within ``path``, a run directory)."""
     if config is not None:
         if not config.is_file():
             raise ExportError(f"--config {config} does not exist")
-        return checkpoint, config
+        return config
+    if path.is_dir():  # its own version's config under a logger that numbers them
+        roots = [checkpoint.parents[i] for i in range(len(checkpoint.relative_to(path).parts))]
+    else:
+        roots = [path.parent, path.parent.parent, path.parent.parent.parent]
     for root in roots:
         found = [
             p for pattern in ("", "*/", "*/*/") for p in root.glob(f"{pattern}{CONFIG_NAME}") if p.is_file()
         ]
         if found:
-            return checkpoint, max(found, key=lambda p: p.stat().st_mtime)
+            return max(found, key=lambda p: p.stat().st_mtime)
     raise ExportError(
         f"no {CONFIG_NAME} found near {checkpoint}; give --config (the config.yaml LightningCLI saved in the "
         "run's log directory)"

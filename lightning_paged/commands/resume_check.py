@@ -27,19 +27,15 @@ from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
+from lightning_paged.core.adapter_checkpoint import AdapterCheckpoint
 from lightning_paged.core.atomic import CheckpointReadError, read_checkpoint
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.fingerprint import (
-    CheckpointMismatchError,
-    Fingerprint,
-    describe_differences,
-    fingerprint,
-    mismatch_error,
-)
-from lightning_paged.core.qlora import select_target
+from lightning_paged.core.fingerprint import CheckpointMismatchError, fingerprint, mismatch_error
+from lightning_paged.core.selection import select_target
+from lightning_paged.lightning.strategies.base import PLACES
 
 MODEL_PREFIX = "model.init_args."
-STRATEGY_PREFIX = "trainer.strategy.init_args."
+STRATEGY_PREFIX = PLACES.strategy
 RESUMABLE_MODEL_SETTINGS = (
     "sample_prompt",
     "sample_max_new_tokens",
@@ -229,19 +225,18 @@ def _check_model_settings(checkpoint: Mapping[str, Any], model_section: Any, pat
 def _check_base_and_strategy(
     checkpoint: Mapping[str, Any], trainer: Any, model: Any, path: Path, base_changes: list[str]
 ) -> None:
-    from lightning_paged.lightning.strategies.base import CHECKPOINT_KEY, QLoRAStrategyMixin
+    from lightning_paged.lightning.strategies.base import QLoRAStrategyMixin
 
     strategy = trainer.strategy
-    saved = checkpoint.get(CHECKPOINT_KEY)
-    if not isinstance(strategy, QLoRAStrategyMixin) or not isinstance(saved, Mapping):
-        return  # another strategy, or a checkpoint of one: the strategy's own load decides
-    if "fingerprint" not in saved:
-        return
+    if not isinstance(strategy, QLoRAStrategyMixin):
+        return  # another strategy: its own load decides
+    record = AdapterCheckpoint.read(checkpoint, path)
+    if record is None:
+        return  # no record: the strategy's load warns that it cannot be checked
     current = fingerprint(select_target(model, strategy.model_attr), strategy.qlora)
-    saved_fingerprint = Fingerprint.from_dict(saved["fingerprint"])
-    differences = describe_differences(saved_fingerprint, current, where=f"--{STRATEGY_PREFIX}")
+    differences = record.differences(current, where=f"--{STRATEGY_PREFIX}")
     if differences:
-        if base_changes and saved_fingerprint.base.sha256 != current.base.sha256:
+        if base_changes and record.fingerprint.base.sha256 != current.base.sha256:
             differences[0] += f", after changing {' and '.join(base_changes)}"
         raise mismatch_error(
             differences,

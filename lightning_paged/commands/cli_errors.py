@@ -14,14 +14,14 @@ from __future__ import annotations
 import ast
 import dataclasses
 import importlib
-import inspect
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from lightning_paged.compat import jsonargparse as jsonargparse_compat
+from lightning_paged.compat.omegaconf import missing_interpolation_key, root_node
 from lightning_paged.core.errors import SettingError, UsageError
 from lightning_paged.core.settings import did_you_mean
 
@@ -80,13 +80,13 @@ def _frames(err: BaseException) -> Iterator[FrameType]:
 
 # --- jsonargparse --------------------------------------------------------------------------------
 
-_PARSER_KEY = re.compile(r'Parser key "([^"]+)":')
-_CLASS_PATH = re.compile(r"Problem with given class_path '([^']+)':")
-_UNION = "Does not validate against any of the Union subtypes"
-_LITERAL = re.compile(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", re.S)
-_TYPE = re.compile(r"Expected an? (?:<class '([\w.]+)'>|([\w.\[\], ]+))\. Got value: (.*)", re.S)
-_OPTION = re.compile(r"(?:Option|Key) '([^']+)' (?:is )?not accepted")
-_SUBCOMMAND_OPTION = re.compile(r"does not accept option '([^']+)'")
+_PARSER_KEY = jsonargparse_compat.PARSER_KEY
+_CLASS_PATH = jsonargparse_compat.CLASS_PATH
+_UNION = jsonargparse_compat.UNION
+_LITERAL = jsonargparse_compat.LITERAL
+_TYPE = jsonargparse_compat.TYPE
+_OPTION = jsonargparse_compat.OPTION
+_SUBCOMMAND_OPTION = jsonargparse_compat.SUBCOMMAND_OPTION
 _UNRECOGNIZED = "unrecognized arguments: "
 _TYPE_NAMES = {
     "int": "a whole number",
@@ -162,13 +162,7 @@ def _innermost(err: BaseException, keys: list[str], class_path: str | None = Non
 
 def instantiating_key(err: BaseException) -> list[str]:
     """The config key (``["trainer", "strategy"]``) jsonargparse was instantiating when ``err`` was raised."""
-    keys: list[str] = []
-    for frame in _frames(err):
-        owner = frame.f_locals.get("self")
-        dest = getattr(owner, "dest", None)
-        if type(owner).__name__ == "ActionTypeHint" and dest:
-            keys = str(dest).split(".")
-    return keys
+    return jsonargparse_compat.key_being_instantiated(_frames(err))
 
 
 def _next_cause(err: BaseException) -> BaseException | None:
@@ -186,10 +180,7 @@ def _union_branches(err: BaseException) -> list[BaseException]:
     jsonargparse chains only the first of them (often the ``str`` or ``None`` branch, which says
     nothing); the whole list is a local of the function that raised the union error.
     """
-    for frame in _frames(err):
-        if frame.f_code.co_name == "raise_union_unexpected_value":
-            return [e for e in frame.f_locals.get("exceptions", ()) if isinstance(e, BaseException)]
-    return []
+    return jsonargparse_compat.union_branch_errors(_frames(err))
 
 
 def _simple_types(found: list[_Found]) -> _Found | None:
@@ -206,7 +197,7 @@ def _simple_types(found: list[_Found]) -> _Found | None:
 def _relevance(found: _Found) -> tuple[int, int, int]:
     """Which union branch explains the failure: the project's own error, then the deepest, not ``None``."""
     text = str(found.error)
-    trivial = bool(re.match(r"Expected an? <class '(NoneType|str)'>", text))
+    trivial = bool(jsonargparse_compat.TRIVIAL_BRANCH.match(text))
     return (isinstance(found.error, SettingError), not trivial, len(found.keys))
 
 
@@ -228,23 +219,20 @@ def import_class_path(class_path: Any) -> Any:
 
 
 def _settings_of(class_path: str | None) -> list[str]:
+    """The settings of ``class_path`` as the parser takes them (``**qlora`` resolved to QLoRAConfig's fields)."""
     cls = import_class_path(class_path)
     if cls is None:
         return []
     if dataclasses.is_dataclass(cls):
         return [f.name for f in dataclasses.fields(cls)]
-    names: list[str] = []
-    for klass in inspect.getmro(cls):
-        init = klass.__dict__.get("__init__")
-        if init is None:
-            continue
-        params = inspect.signature(init).parameters.values()
-        names += [
-            p.name for p in params if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
-        ]
-        if not any(p.kind is p.VAR_KEYWORD for p in params):
-            break
-    return list(dict.fromkeys(names))
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False)
+    try:
+        parser.add_class_arguments(cls, fail_untyped=False)
+    except Exception:  # a class jsonargparse cannot describe: no list to offer
+        return []
+    return list(dict.fromkeys(key.split(".")[0] for key in parser.get_defaults().keys()))  # noqa: SIM118  (a Namespace)
 
 
 def _describe(found: _Found, known: list[str]) -> UsageError:
@@ -355,7 +343,7 @@ def explain_interpolation_error(err: BaseException, subcommand: str | None = Non
     text = str(err)
     first = text.splitlines()[0] if text else type(err).__name__
     full_key = _strip_subcommand(str(getattr(err, "full_key", "") or ""), subcommand)
-    match = re.search(r"resolved to '([^']+)'", first) or re.search(r"Interpolation key '([^']+)'", first)
+    match = missing_interpolation_key(first)
     if match is None:
         return UsageError(f"{full_key}: {first}" if full_key else first)
     missing = _strip_subcommand(match.group(1), subcommand).lstrip(".")
@@ -380,9 +368,7 @@ def _strip_subcommand(key: str, subcommand: str | None) -> str:
 def _keys_at(err: BaseException, dotted: str) -> list[str] | None:
     from omegaconf import DictConfig, OmegaConf
 
-    node = getattr(err, "parent_node", None)
-    while node is not None and node._get_parent() is not None:
-        node = node._get_parent()
+    node = root_node(getattr(err, "parent_node", None))
     if node is None:
         return None
     section = OmegaConf.select(node, dotted, throw_on_missing=False) if dotted else node

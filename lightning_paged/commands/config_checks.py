@@ -16,9 +16,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lightning_paged.commands.cli_errors import import_class_path
 from lightning_paged.core.errors import SettingError, UsageError
 from lightning_paged.core.settings import did_you_mean
-from lightning_paged.lightning.cli_errors import import_class_path
 
 CHECKPOINT_NAMES = ("last", "best", "hpc")
 """``ckpt_path`` values Lightning resolves itself rather than as a file."""
@@ -54,7 +54,7 @@ def check_strategy_name(strategy: Any) -> None:
     """A strategy given by name must be a registered one."""
     from lightning.pytorch.strategies import StrategyRegistry
 
-    from lightning_paged.lightning.run_config import QLORA_STRATEGIES
+    from lightning_paged.commands.run_config import QLORA_STRATEGIES
 
     if not isinstance(strategy, str) or strategy in StrategyRegistry or strategy == "auto":
         return
@@ -174,7 +174,7 @@ def check_checkpoint_path(ckpt_path: Any) -> None:
         return
     path = Path(value).expanduser()
     if not path.is_file():
-        from lightning_paged.lightning.resume_check import checkpoint_listing
+        from lightning_paged.commands.resume_check import checkpoint_listing
 
         problem = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise SettingError(

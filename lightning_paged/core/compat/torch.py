@@ -1,0 +1,55 @@
+"""torch internals the project relies on, each behind one function. Read from torch 2.13.0."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+READ_FROM = "2.13.0"
+
+
+def set_last_lr(scheduler: Any, lrs: list[float]) -> None:
+    """Set what ``scheduler.get_last_lr()`` returns (``LRScheduler._last_lr``, ``torch/optim/lr_scheduler.py``).
+
+    After a resume puts configured learning rates back over restored ones, the scheduler's record of
+    the last rates must say the same, or ``get_last_lr`` (and the logged rate) reports the old ones.
+    """
+    scheduler._last_lr = list(lrs)
+
+
+def own_parameters(module: nn.Module) -> dict[str, nn.Parameter | None]:
+    """The live dict of ``module``'s own parameters (``nn.Module._parameters``), ``None`` entries included.
+
+    Replacing an entry swaps the parameter without ``__setattr__``'s checks and hooks: the loaders
+    place each weight (or take it back to the meta device) this way, tied weights once.
+    """
+    return module._parameters  # type: ignore[return-value]
+
+
+def own_buffers(module: nn.Module) -> dict[str, torch.Tensor | None]:
+    """The live dict of ``module``'s own buffers (``nn.Module._buffers``), ``None`` entries included."""
+    return module._buffers
+
+
+def cuda_allocator_stats(device_index: int) -> dict[str, Any] | None:
+    """The caching allocator's nested statistics (``torch._C._cuda_memoryStats``), None where it is missing.
+
+    ``torch.cuda.memory_stats`` returns the same numbers flattened, at a cost paid on every call;
+    the eviction monitor reads them every step.
+    """
+    probe = getattr(torch._C, "_cuda_memoryStats", None)
+    return probe(device_index) if probe is not None else None
+
+
+def profiler_active() -> bool:
+    """True while a PyTorch (Kineto) profiler session runs in this process.
+
+    ``torch._C._autograd._profiler_enabled()``, else the flag ``torch.autograd.profiler._is_profiler_enabled``
+    (``torch/autograd/profiler.py``): CUPTI serves one subscriber, and the profiler may hold it.
+    """
+    probe = getattr(getattr(torch._C, "_autograd", None), "_profiler_enabled", None)
+    if probe is not None:
+        return bool(probe())
+    return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))

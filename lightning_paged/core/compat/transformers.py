@@ -1,0 +1,34 @@
+"""transformers internals the project relies on, each behind one function. Read from transformers 5.25.0."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+READ_FROM = "5.25.0"
+
+
+def no_split_modules(model: Any) -> set[str]:
+    """Class names of the blocks a model says must not be split (``PreTrainedModel._no_split_modules``).
+
+    transformers declares its decoder layers there for ``device_map``; the FSDP strategies shard one
+    such block at a time (``modeling_utils.py``, ``PreTrainedModel._no_split_modules``).
+    """
+    return set(getattr(model, "_no_split_modules", None) or [])
+
+
+def keys_to_ignore_on_load(model: Any, kind: Literal["missing", "unexpected"]) -> list[str]:
+    """Patterns of checkpoint keys a model may lack or hold (``_keys_to_ignore_on_load_missing/unexpected``).
+
+    transformers' own loader skips them without a word (``modeling_utils.py``); so does the streaming loader.
+    """
+    return list(getattr(model, f"_keys_to_ignore_on_load_{kind}", None) or [])
+
+
+def attn_implementation(model: Any) -> str | None:
+    """The attention implementation a model (or a PEFT wrapper of one) runs: ``config._attn_implementation``.
+
+    The config's own record of what ``attn_implementation=`` resolved to (``configuration_utils.py``,
+    ``PreTrainedConfig._attn_implementation``); None for a model without a transformers config.
+    """
+    config = getattr(model, "config", None)
+    return getattr(config, "_attn_implementation", None)
