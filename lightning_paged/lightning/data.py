@@ -1,6 +1,6 @@
-"""``InstructionDataModule``: the instruction data of :mod:`lightning_paged.core.instructions` as a LightningDataModule.
+"""``InstructionDataModule``: the fine-tuning data of :mod:`lightning_paged.core.instructions` as a LightningDataModule.
 
-The data logic (formats, response-only labels, truncation, the split, packing, batching) is
+The data logic (formats, chat templates, labels, truncation, the split, packing, batching) is
 framework-free in :class:`~lightning_paged.core.instructions.InstructionData`; this module adds
 Lightning's hooks and reports on rank zero.
 """
@@ -12,20 +12,24 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from lightning_paged.core.instructions import (
-    ALPACA_INPUT,
-    ALPACA_PROMPT,
-    ROLE_HEADER,
-    InstructionData,
-)
+from lightning_paged.core.encoding import ALPACA_INPUT, ALPACA_PROMPT, ROLE_HEADER
+from lightning_paged.core.formats import FormatSetting
+from lightning_paged.core.instructions import InstructionData
 from lightning_paged.core.packing import IGNORE_INDEX
 from lightning_paged.core.sampling import LengthGroupedBatchSampler
 
-__all__ = ["IGNORE_INDEX", "InstructionDataModule", "LengthGroupedBatchSampler"]
+__all__ = [
+    "ALPACA_INPUT",
+    "ALPACA_PROMPT",
+    "IGNORE_INDEX",
+    "ROLE_HEADER",
+    "InstructionDataModule",
+    "LengthGroupedBatchSampler",
+]
 
 
 class InstructionDataModule(InstructionData, LightningDataModule):
-    """Alpaca-style or chat instruction data from a local JSON/JSONL file, with response-only labels."""
+    """Instruction, chat or text data from a local file, with labels on what the model should learn."""
 
     def __init__(
         self,
@@ -33,11 +37,16 @@ class InstructionDataModule(InstructionData, LightningDataModule):
         tokenizer: str = "byte",
         max_length: int = 512,
         batch_size: int = 8,
-        val_split: int | float = 0.05,
+        val_split: int | float | None = None,
+        val_path: str | None = None,
         group_by_length: bool = False,
         packing: bool = False,
         num_workers: int = 0,
         seed: int = 42,
+        format: FormatSetting = "auto",
+        columns: dict[str, str] | None = None,
+        chat_template: str = "auto",
+        train_on_inputs: bool = False,
         prompt_template: str = ALPACA_PROMPT,
         input_template: str = ALPACA_INPUT,
         role_header: str = ROLE_HEADER,
@@ -51,10 +60,15 @@ class InstructionDataModule(InstructionData, LightningDataModule):
             max_length,
             batch_size,
             val_split,
+            val_path,
             group_by_length,
             packing,
             num_workers,
             seed,
+            format,
+            columns,
+            chat_template,
+            train_on_inputs,
             prompt_template,
             input_template,
             role_header,
@@ -77,7 +91,7 @@ class InstructionDataModule(InstructionData, LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader | list:
-        """The validation split (the file has no separate test split)."""
+        """The validation data (there is no separate test set)."""
         return self.val_loader()
 
     @override
