@@ -168,3 +168,77 @@ def crash_at(step: int):
 def trainable_weights(module) -> dict[str, torch.Tensor]:
     """Copies of a module's trainable (adapter) weights."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# Chat templates shaped like those of real instruct models, for tokenizers the tests build.
+CHATML = (  # Qwen2-Instruct's: ChatML with a default system message
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_GENERATION = (  # the same, with {% generation %} around each assistant turn's content and end-of-turn token
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PHI3 = (  # Phi-3-mini-instruct's: turns end with <|end|>, the conversation with the tokenizer's eos
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+
+
+def build_chat_tokenizer(directory: Path, template: str | None = CHATML, eos: str = "<|im_end|>") -> str:
+    """A small byte-level BPE (trained on the shipped example data) saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = [
+        line
+        for name in ("chat.jsonl", "instructions.jsonl")
+        for line in (ROOT / "examples" / "data" / name).open()
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=CHAT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token=eos,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS[1:],
+        chat_template=template,
+    )
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tmp_path_factory) -> str:
+    """A directory holding a ChatML tokenizer shaped like Qwen2-Instruct's (eos ``<|im_end|>``)."""
+    return build_chat_tokenizer(tmp_path_factory.mktemp("chatml_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(tmp_path_factory) -> str:
+    """A directory holding a tokenizer shaped like Phi-3's: turns end with ``<|end|>``, eos is ``<|endoftext|>``."""
+    return build_chat_tokenizer(tmp_path_factory.mktemp("phi3_tokenizer"), PHI3, eos="<|endoftext|>")

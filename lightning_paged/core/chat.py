@@ -141,7 +141,7 @@ class ChatTemplate:
                 f"({source}) {reason}. Use chat_template: headers, or a template "
                 "with {% generation %} around each assistant turn",
             ) from err
-        if not any(mask):
+        if self.marking == "generation" and not any(mask):
             raise SettingError(
                 "chat_template",
                 setting,
@@ -230,6 +230,12 @@ class ChatTemplate:
                     "it (the template starts an assistant turn differently from what add_generation_prompt writes)"
                 )
             turn = upto[: self._turn_end(upto, self.render([*messages[: i + 1], FOLLOW_UP]))]
+            if message["content"].strip() not in turn[len(before) :]:
+                raise TemplateError(
+                    f"assistant message {i} renders differently once another message follows it (its content "
+                    "is not where it was), so the first messages do not render as the start of the whole "
+                    "conversation"
+                )
             if not full.startswith(turn):
                 raise TemplateError(
                     f"the first {i + 1} messages do not render as the start of the whole conversation (the "

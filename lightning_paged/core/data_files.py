@@ -107,6 +107,8 @@ def _read_tabular(path: Path, data_path: str, setting: str) -> list[tuple[Any, s
                 **options,
             )
         except Exception as err:  # pandas, pyarrow and datasets each raise their own kinds
+            if "corresponds to no data" in str(err):  # datasets' word for a file of no rows
+                raise SettingError(setting, data_path, "holds no rows; it needs at least one sample") from err
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             kind = "CSV" if builder == "csv" else "Parquet"
             raise SettingError(setting, data_path, f"cannot be read as {kind}: {reason}") from err
