@@ -121,6 +121,11 @@ class OptimizerConfig:
     """Learning-rate decay after warmup, stepped once per optimizer step; linear and cosine end at 0."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup, from ``lr / (warmup_steps + 1)`` up to ``lr``."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction in [0, 1) of the run's optimizer steps, instead of ``warmup_steps``: ``ceil(ratio * steps)``
+    warmup steps, as transformers counts them. The steps are Lightning's estimate when the optimizer is built:
+    ``trainer.max_steps``, or with ``max_steps: -1`` the epochs (``max_epochs``, 1000 when neither is set) times the
+    optimizer steps per epoch."""
     page_adapters: bool = True
     """Page the state of small parameters (LoRA adapters) too, which bitsandbytes leaves unpaged below 100,000 elements."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +149,30 @@ class OptimizerConfig:
             raise SettingError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULERS)}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise SettingError("warmup_steps", self.warmup_steps, "must be a whole number, 0 or more")
+        ratio = self.warmup_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise SettingError("warmup_ratio", ratio, "must be a fraction in [0, 1), e.g. 0.03")
+        if ratio and self.warmup_steps:
+            raise SettingError(
+                "warmup_ratio", ratio, f"and warmup_steps ({self.warmup_steps}) both set the warmup: give one"
+            )
+
+    def warmup(self, total_steps: float | None) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of them.
+
+        Raises :class:`SettingError` for a ratio when the number of steps is not known.
+        """
+        if not self.warmup_ratio:
+            return self.warmup_steps
+        if total_steps is None or not math.isfinite(total_steps) or total_steps <= 0:
+            raise SettingError(
+                "warmup_ratio",
+                self.warmup_ratio,
+                f"needs a known number of training steps (got {total_steps}); set trainer.max_steps or "
+                "max_epochs, or give warmup_steps",
+            )
+        # transformers' TrainingArguments.get_warmup_steps: ceil(steps * ratio); kept below the run's steps
+        return min(math.ceil(self.warmup_ratio * total_steps), max(0, int(total_steps) - 1))
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`build_optimizer`."""

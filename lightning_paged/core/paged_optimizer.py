@@ -61,8 +61,8 @@ def optimizer_and_schedule(
     if not groups:
         raise SettingError("model", type(module).__name__, f"has no trainable parameters{if_empty}")
     policy = PagingPolicy(page_small=config.page_adapters, memory=memory or ManagedMemory())
-    warmup = config.warmup_steps if warmup_steps is None else warmup_steps
     try:
+        warmup = config.warmup(total_steps) if warmup_steps is None else warmup_steps
         optimizer = build_optimizer(config.name, groups, paging=policy, **config.optimizer_kwargs())
         scheduler = build_scheduler(optimizer, config.scheduler, warmup, total_steps)
     except SettingError as err:
