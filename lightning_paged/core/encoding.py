@@ -177,27 +177,27 @@ class SampleEncoder:
             return [(sample.prompt, False), (sample.response, True)]
         return [(sample.response, True)]
 
-    def prompt(self, text: str, format: str = "alpaca") -> Prompt:
+    def prompt(self, text: str | list[dict[str, str]], format: str = "alpaca", input: str = "") -> Prompt:
         """What the model is asked to continue for ``text``, rendered as ``format``'s samples are trained.
 
-        A chat format: ``text`` as a user message, then the generation prompt (the chat template's
-        ``add_generation_prompt=True``, or the assistant's role header). alpaca: the alpaca prompt.
-        prompt_completion and text: ``text`` itself. Every rendering but the chat template's starts
-        with the beginning-of-sequence token, as training samples do.
+        A chat format (or ``text`` a list of ``{role, content}`` messages, the conversation so far):
+        ``text`` as a user message, then the generation prompt (the chat template's
+        ``add_generation_prompt=True``, or the assistant's role header). alpaca: the alpaca prompt
+        (with ``input``). prompt_completion and text: ``text`` itself. Every rendering but the chat
+        template's starts with the beginning-of-sequence token, as training samples do.
         """
-        if format in CHAT_FORMATS or format == "chat":
-            messages = [{"role": "user", "content": text}]
+        if isinstance(text, list) or format in CHAT_FORMATS:
+            messages = text if isinstance(text, list) else [{"role": "user", "content": text}]
             if self.chat is not None:
                 ids, rendered = self.chat.prompt(messages)
                 return Prompt(ids, rendered)
-            body = (
-                self.role_header.format(role="user")
-                + text
-                + "\n\n"
-                + self.role_header.format(role="assistant")
-            )
-        elif format == "alpaca":
-            body = self.format_prompt(text)
+            # the conversation's own segments, as training tokenizes them, then the assistant's header
+            [sample] = self.encode([Sample("messages", messages=messages)])
+            header = encode_texts(self.tokenizer, ["\n\n", self.role_header.format(role="assistant")])
+            ids = sample["input_ids"] + header[0] + header[1]
+            return Prompt(ids, self.tokenizer.decode(ids))
+        if format == "alpaca":
+            body = self.format_prompt(text, input)
         else:
             body = text
         ids = self.bos() + encode_texts(self.tokenizer, [body])[0]

@@ -68,6 +68,13 @@ def test_prompts_are_rendered_as_their_formats_training_samples(chatml_tokenizer
     [trained] = byte.encode([Sample("alpaca", prompt="Reverse", response="ba")])
     prompt = byte.prompt("Reverse", "alpaca")
     assert trained["input_ids"] == [*prompt.ids, *b"ba", BYTE.eos_token_id]
+    so_far = [*CHAT, {"role": "user", "content": "Now reverse it."}]
+    [conversation] = byte.encode(
+        [Sample("messages", messages=[*so_far, {"role": "assistant", "content": "DIVIV"}])]
+    )
+    headed = byte.prompt(so_far)
+    assert conversation["input_ids"] == [*headed.ids, *b"DIVIV", BYTE.eos_token_id]
+    assert headed.text.endswith("VIVID<eos>\n\n### user:\nNow reverse it.\n\n### assistant:\n")
     tokenizer = AutoTokenizer.from_pretrained(chatml_tokenizer)
     chat = SampleEncoder(tokenizer).prompt("Uppercase: vivid", "messages")
     assert chat.ids == tokenizer.apply_chat_template(CHAT[:1], add_generation_prompt=True)["input_ids"]
