@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -242,3 +243,29 @@ def chatml_tokenizer(tmp_path_factory) -> str:
 def phi3_tokenizer(tmp_path_factory) -> str:
     """A directory holding a tokenizer shaped like Phi-3's: turns end with ``<|end|>``, eos is ``<|endoftext|>``."""
     return build_chat_tokenizer(tmp_path_factory.mktemp("phi3_tokenizer"), PHI3, eos="<|endoftext|>")
+
+
+class RecordBatches(pl.Callback):
+    """A callback for command runs: saves the first training batch, then, when training ends, the sample
+    path's prompt, stop tokens and next-token logits, to ``path`` (``torch.save``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.batch: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = {k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)}
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module):
+        prompt, stop_ids = pl_module.prompt_for(pl_module.sample_prompt)
+        pl_module.model.eval()
+        logits = pl_module.model(input_ids=torch.tensor([prompt.ids], device=pl_module.device)).logits
+        record = {
+            "batch": self.batch,
+            "prompt_ids": prompt.ids,
+            "prompt_text": prompt.text,
+            "stop_ids": stop_ids,
+        }
+        torch.save({**record, "logits": logits[0, -1].float().cpu()}, self.path)
