@@ -34,6 +34,12 @@ MISTRAL = (  # [INST] turns, each answer closed by the tokenizer's eos
     "{% for message in messages %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
     "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}"
 )
+LLAMA3 = (  # Meta-Llama-3-Instruct's: contents trimmed, each turn closed by <|eot_id|>
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
 GEMMA = (  # the assistant is 'model', contents trimmed
     "{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
     "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
@@ -98,10 +104,14 @@ def test_the_generation_mask_and_turn_by_turn_rendering_agree(tokenizer):
         (PHI3, "VIVID<|end|>DIVIV<|end|>"),  # the conversation's closing eos is not an assistant token
         (MISTRAL, "VIVID<|im_end|>DIVIV<|im_end|>"),
         (GEMMA, "VIVID<end_of_turn>DIVIV<end_of_turn>"),
+        (LLAMA3, "VIVID<|eot_id|>DIVIV<|eot_id|>"),
     ],
-    ids=["phi3", "mistral", "gemma"],
+    ids=["phi3", "mistral", "gemma", "llama3"],
 )
-def test_other_families_templates_are_marked_turn_by_turn(tokenizer, template, learned):
+def test_other_families_templates_are_marked_turn_by_turn(chatml_tokenizer, template, learned):
+    tokenizer = AutoTokenizer.from_pretrained(
+        chatml_tokenizer, bos_token="<|endoftext|>"
+    )  # Llama 3's opens with it
     template_chat = chat(tokenizer, template)
     ids, mask = template_chat.encode(CONVERSATION[1:])
     assert ids == tokenizer.apply_chat_template(CONVERSATION[1:], chat_template=template)["input_ids"]
