@@ -13,9 +13,9 @@ tokens, found one of two ways:
 
 - A template with a ``{% generation %}`` block: transformers' assistant-token mask
   (``return_assistant_tokens_mask=True``). In transformers 5.25 the block's ``AssistantTracker``
-  records the character span of what it rendered (``utils/chat_template_utils.py:575-603``) and
+  records the character span of what it rendered (``utils/chat_template_utils.py:575-612``) and
   ``apply_chat_template`` marks every token whose offsets overlap a span
-  (``tokenization_utils_base.py:3203-3228``); that needs a fast tokenizer's offsets.
+  (``tokenization_utils_base.py:3203-3229``); that needs a fast tokenizer's offsets.
 - Any other template, turn by turn: assistant message ``i`` is what rendering the first ``i + 1``
   messages adds to rendering the first ``i`` with ``add_generation_prompt=True`` (the header the
   model's answer follows), without trailing whitespace: its content and its end-of-turn token.
@@ -173,7 +173,7 @@ class ChatTemplate:
 
         The ids are ``apply_chat_template(..., add_generation_prompt=True, tokenize=True)``'s:
         transformers renders, then tokenizes the text with ``add_special_tokens=False``
-        (``tokenization_utils_base.py:3192-3200``).
+        (``tokenization_utils_base.py:3191-3200``).
         """
         text = self.render(messages, add_generation_prompt=True)
         return self._ids(text), text
