@@ -338,7 +338,7 @@ class InstructionData:
 
     def warn(self, message: str) -> None:
         """Warn about the data, once (a Lightning data module: on rank zero)."""
-        warnings.warn(message, stacklevel=3)
+        warnings.warn(message, stacklevel=4)  # at the call of load(): warn, _encode, load, caller
 
 
 def _render_error(setting: str, path: str, where: str, reason: str) -> SettingError:
