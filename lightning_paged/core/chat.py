@@ -34,7 +34,7 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from lightning_paged.core.errors import SettingError
+from lightning_paged.core.errors import BadInput, SettingError
 
 AUTO, TOKENIZER, HEADERS = "auto", "tokenizer", "headers"
 CHOICES = (AUTO, TOKENIZER, HEADERS)
@@ -56,8 +56,11 @@ FOLLOW_UP = {"role": "user", "content": "Thanks."}
 """The message rendered after an assistant turn to see where the turn ends."""
 
 
-class TemplateError(ValueError):
-    """A conversation the chat template cannot render, or whose assistant tokens it cannot mark."""
+class TemplateError(BadInput, ValueError):
+    """A conversation the chat template cannot render, or whose assistant tokens it cannot mark.
+
+    Reading data names the sample's file and place instead; a prompt given to ``generate`` is told as it is.
+    """
 
 
 def resolve_template(setting: str, tokenizer: Any) -> tuple[str | None, str]:
