@@ -7,11 +7,12 @@ from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.export import adapter_from_model, merge_adapter, save_adapter
 from lightning_paged.core.fingerprint import CheckpointMismatchError
 from lightning_paged.core.loading import LoadReport, WeightLoadError, empty_model, load_and_convert
-from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
+from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer
 from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to_qlora
 from lightning_paged.core.sampling import ResumableSampler
+from lightning_paged.core.schedule import build_scheduler
 from lightning_paged.core.tokenizer import ByteTokenizer, load_tokenizer
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
 from lightning_paged.lightning.csv_logger import ResumableCSVLogger

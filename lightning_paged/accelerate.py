@@ -133,12 +133,19 @@ def prepare_paged_qlora(
         model,
         opt_settings,
         total_steps=total_steps * per_step if total_steps is not None else None,
-        warmup_steps=opt_settings.warmup_steps * per_step,
+        warmup_steps=_warmup(opt_settings, total_steps) * per_step,
         memory=memory,
     )
     register_adapter_checkpoint_hooks(accelerator)
     prepared_model, prepared_optimizer, prepared_scheduler = accelerator.prepare(model, built, scheduler)
     return PreparedQLoRA(prepared_model, prepared_optimizer, prepared_scheduler)
+
+
+def _warmup(settings: OptimizerConfig, total_steps: int | None) -> int:
+    try:
+        return settings.warmup(total_steps)
+    except SettingError as err:
+        raise err.located("optimizer.") from None
 
 
 def _scheduler_steps_per_process(accelerator: Accelerator) -> bool:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -168,3 +169,103 @@ def crash_at(step: int):
 def trainable_weights(module) -> dict[str, torch.Tensor]:
     """Copies of a module's trainable (adapter) weights."""
     return {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+
+# Chat templates shaped like those of real instruct models, for tokenizers the tests build.
+CHATML = (  # Qwen2-Instruct's: ChatML with a default system message
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+CHATML_GENERATION = (  # the same, with {% generation %} around each assistant turn's content and end-of-turn token
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}{% if message['role'] == 'assistant' %}{% generation %}"
+    "{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{% else %}{{ message['content'] + '<|im_end|>' }}"
+    "{% endif %}{{ '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+PHI3 = (  # Phi-3-mini-instruct's: turns end with <|end|>, the conversation with the tokenizer's eos
+    "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + "
+    "'<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}"
+    "{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+CHAT_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",
+]
+
+
+def build_chat_tokenizer(directory: Path, template: str | None = CHATML, eos: str = "<|im_end|>") -> str:
+    """A small byte-level BPE (trained on the shipped example data) saved as a transformers tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    corpus = [
+        line
+        for name in ("chat.jsonl", "instructions.jsonl")
+        for line in (ROOT / "examples" / "data" / name).open()
+    ]
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=CHAT_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    raw.train_from_iterator(corpus, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw,
+        eos_token=eos,
+        pad_token="<|endoftext|>",
+        additional_special_tokens=CHAT_SPECIAL_TOKENS[1:],
+        chat_template=template,
+    )
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="session")
+def chatml_tokenizer(tmp_path_factory) -> str:
+    """A directory holding a ChatML tokenizer shaped like Qwen2-Instruct's (eos ``<|im_end|>``)."""
+    return build_chat_tokenizer(tmp_path_factory.mktemp("chatml_tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def phi3_tokenizer(tmp_path_factory) -> str:
+    """A directory holding a tokenizer shaped like Phi-3's: turns end with ``<|end|>``, eos is ``<|endoftext|>``."""
+    return build_chat_tokenizer(tmp_path_factory.mktemp("phi3_tokenizer"), PHI3, eos="<|endoftext|>")
+
+
+class RecordBatches(pl.Callback):
+    """A callback for command runs: saves the first training batch, then, when training ends, the sample
+    path's prompt, stop tokens and next-token logits, to ``path`` (``torch.save``)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.batch: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.batch is None:
+            self.batch = {k: v.detach().cpu() for k, v in batch.items() if torch.is_tensor(v)}
+
+    @torch.no_grad()
+    def on_train_end(self, trainer, pl_module):
+        prompt, stop_ids = pl_module.prompt_for(pl_module.sample_prompt)
+        pl_module.model.eval()
+        logits = pl_module.model(input_ids=torch.tensor([prompt.ids], device=pl_module.device)).logits
+        record = {
+            "batch": self.batch,
+            "prompt_ids": prompt.ids,
+            "prompt_text": prompt.text,
+            "stop_ids": stop_ids,
+        }
+        torch.save({**record, "logits": logits[0, -1].float().cpu()}, self.path)

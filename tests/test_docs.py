@@ -37,7 +37,7 @@ GETTING_STARTED = DOCS / "getting-started.md"
 SKIP = re.compile(r"^<!--\s*skip-test:(?P<reason>.*?)-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 CLI_SUBCOMMANDS = ("fit", "validate", "test")
-SUBCOMMANDS = (*CLI_SUBCOMMANDS, "report", "export")
+SUBCOMMANDS = (*CLI_SUBCOMMANDS, "report", "export", "generate")
 PYTHON_TIMEOUT_S = 300
 
 
@@ -342,6 +342,24 @@ def test_json_blocks_are_samples_the_data_module_reads(tmp_path):
         for sample in data.train_data:  # the loss covers the response only, and some of it
             assert any(label != -100 for label in sample["labels"])
             assert sample["labels"][0] == -100
+
+
+def test_the_data_page_shows_one_example_of_every_format_and_each_trains(tmp_path):
+    from lightning_paged import InstructionDataModule
+    from lightning_paged.core.formats import FORMATS
+
+    shown = []
+    for block in parse_blocks(DOCS / "data.md")[0]:
+        if block.lang != "json":
+            continue
+        path = tmp_path / f"block{block.line}.jsonl"
+        path.write_text(block.code, encoding="utf-8")
+        data = InstructionDataModule(str(path), val_split=0, max_length=256)
+        data.setup("fit")
+        assert data.train_data is not None and len(data.train_data) == 1
+        assert any(label != -100 for label in data.train_data[0]["labels"])
+        shown.append(data.sample_format)
+    assert sorted(shown) == sorted(FORMATS)
 
 
 def test_python_blocks_run(python_runs):

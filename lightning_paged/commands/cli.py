@@ -40,9 +40,10 @@ from lightning_paged.compat import jsonargparse as jsonargparse_compat
 from lightning_paged.core.errors import BadInput, SettingError, UsageError
 
 PREDICT_LEFT_OUT = (
-    "predict is not a lightning-paged subcommand: no module or data module here defines prediction yet. "
-    "To generate with a trained run, export its adapter (lightning-paged export RUN --out DIR) and load it "
-    "with PEFT onto the base model (docs/checkpoints.md), or call CausalLMModule.generate_sample(instruction)"
+    "predict is not a lightning-paged subcommand: no module or data module here defines prediction. To "
+    "answer a file of prompts with a trained run, use lightning-paged generate RUN --prompts FILE --out "
+    "FILE.jsonl; to load it elsewhere, export its adapter (lightning-paged export RUN --out DIR) and load it "
+    "with PEFT onto the base model (docs/checkpoints.md)"
 )
 """What ``lightning-paged predict`` answers."""
 DESCRIPTION = (

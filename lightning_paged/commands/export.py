@@ -19,7 +19,7 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +27,7 @@ from lightning_paged.commands.errors import run_command
 from lightning_paged.commands.trained import Trained, read_trained
 from lightning_paged.core.atomic import staged_directory
 from lightning_paged.core.compare import LogitComparison, compare_logits
+from lightning_paged.core.errors import SettingError
 from lightning_paged.core.export import (
     DEFAULT_MAX_SHARD_SIZE,
     Adapter,
@@ -39,8 +40,8 @@ from lightning_paged.core.export import (
 from lightning_paged.core.export_4bit import check_quantizes_to, is_prequantized
 from lightning_paged.core.fingerprint import BaseFingerprint, tensors_fingerprint
 from lightning_paged.core.loading import empty_model
-from lightning_paged.core.qlora import convert_to_qlora
 from lightning_paged.core.run_checks import check_base, files_fingerprint_with_bar, find_base_dir
+from lightning_paged.core.tokenizer import save_tokenizer
 from lightning_paged.core.units import parse_size
 
 PROG = "lightning-paged export"
@@ -131,6 +132,8 @@ class ExportResult:
     stands_in_for: Path | None = None
     """The pre-quantized base the run was trained on, when a 16-bit ``--base`` was checked to quantize to it."""
     layers_checked: int = 0
+    tokenizer: str = ""
+    """What became of the run's tokenizer files (written beside the weights, or why not)."""
 
     def summary(self) -> str:
         base = str(self.base_dir) if self.base_dir else f"the model built from {self.config}"
@@ -147,7 +150,9 @@ class ExportResult:
                 if self.base_dir
                 else "<the model built from the run's config>"
             )
-            lines.append(f"Wrote the PEFT adapter of {self.checkpoint} to {self.out} (base: {base}).")
+            lines.append(
+                f"Wrote the PEFT adapter of {self.checkpoint} to {self.out} (base: {base}).{self.tokenizer}"
+            )
             lines.append(f"Load it with: PeftModel.from_pretrained({load}, '{self.out}')")
             return "\n".join(lines)
         files = len(self.merge.files)
@@ -166,6 +171,8 @@ class ExportResult:
             )
         if self.comparison is not None:
             lines.append(f"Against the 4-bit + adapter model: {self.comparison.summary()}.")
+        if self.tokenizer:
+            lines.append(self.tokenizer.strip())
         return "\n".join(lines)
 
 
@@ -256,6 +263,7 @@ def export_run(
                     compare,
                     progress,
                 )
+            result.tokenizer = _save_tokenizer(trained.run_config or {}, staging)
     except FileExistsError:
         raise ExportError(
             f"--out {out} already exists; choose another directory or add --overwrite"
@@ -303,16 +311,7 @@ def _compare(trained: Trained, base_dir: Path, module: Any, merged_dir: Path) ->
 
     if module is None:
         module = trained.module(model_name_or_path=base_dir) if trained.run_config else empty_model(base_dir)
-    target = trained.target(module)
-    convert_to_qlora(target, replace(trained.settings, gradient_checkpointing=False), device="cpu")
-    prefix = trained.record.target_prefix
-    state = {k.removeprefix(prefix): v for k, v in trained.weights.items() if k.startswith(prefix)}
-    loaded = target.load_state_dict(state, strict=False)
-    mismatched = loaded.unexpected_keys + [k for k in loaded.missing_keys if ".lora_" in k]
-    if mismatched:
-        raise ExportError(
-            f"the checkpoint's adapter does not fit the rebuilt model (first mismatch: {mismatched[0]})"
-        )
+    target = trained.load_adapter(trained.target(module), device="cpu")
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32, local_files_only=True)
     return compare_logits(merged, target, vocab_size=merged.config.vocab_size)
 
@@ -347,3 +346,17 @@ def _check_stand_in(
     assert trained is not None
     check_base(saved, files_fingerprint_with_bar(trained, progress), checkpoint, "here")
     return trained, check_quantizes_to(base_dir, trained, progress)
+
+
+def _save_tokenizer(run_config: dict[str, Any], directory: Path) -> str:
+    """The run's tokenizer files beside the weights, as transformers' Trainer writes them; what was done."""
+    data = (run_config.get("data") or {}).get("init_args") or {}
+    spec = data.get("tokenizer") or ((run_config.get("model") or {}).get("init_args") or {}).get("tokenizer")
+    try:
+        if not isinstance(spec, str) or not save_tokenizer(
+            spec, directory, data.get("chat_template") or "auto"
+        ):
+            return ""
+    except SettingError as err:  # the adapter is still worth having
+        return f" Its tokenizer files are not beside it: {err}."
+    return f" Tokenizer files of {spec} beside it."

@@ -1,8 +1,9 @@
-"""The ``lightning-paged`` command: LightningCLI for fit/validate/test, plus report and export.
+"""The ``lightning-paged`` command: LightningCLI for fit/validate/test, plus report, export and generate.
 
 ``lightning-paged fit ...`` (and validate, test) run :mod:`lightning_paged.commands.cli`;
-``report`` and ``export`` are the commands of :mod:`lightning_paged.commands.report` and
-:mod:`lightning_paged.commands.export`. ``python -m lightning_paged`` is the same command.
+``report``, ``export`` and ``generate`` are the commands of :mod:`lightning_paged.commands.report`,
+:mod:`lightning_paged.commands.export` and :mod:`lightning_paged.commands.generate`.
+``python -m lightning_paged`` is the same command.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from lightning_paged.commands.errors import TRACEBACK_FLAG, run_command
 EXTRA_COMMANDS = {
     "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
     "export": "write a PEFT adapter directory or a merged model from a run (lightning-paged export RUN --out DIR)",
+    "generate": "answer a file of prompts with a run's model and adapter, as JSON Lines "
+    "(lightning-paged generate RUN --prompts FILE --out FILE.jsonl)",
 }
 
 
@@ -38,6 +41,10 @@ def _dispatch(argv: list[str], from_console: bool) -> int:
         from lightning_paged.commands import export
 
         return export.main(argv[1:])
+    if argv and argv[0] == "generate":
+        from lightning_paged.commands import generate
+
+        return generate.main(argv[1:])
     from lightning_paged.commands.cli import DESCRIPTION, PREDICT_LEFT_OUT, cli_main
     from lightning_paged.core.errors import UsageError
 

@@ -45,6 +45,7 @@ RESUMABLE_MODEL_SETTINGS = (
     "optimizer.eps",
     "optimizer.scheduler",
     "optimizer.warmup_steps",
+    "optimizer.warmup_ratio",
     "optimizer.page_adapters",
 )
 """Model settings a resume may change: the optimizer's are applied over the restored optimizer state."""

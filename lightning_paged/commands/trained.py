@@ -11,7 +11,7 @@ built in a script is checked against ``--base``, the directory it was saved to.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from lightning_paged.commands.run_config import (
 from lightning_paged.core.adapter_checkpoint import RECORD_FILE, AdapterCheckpoint
 from lightning_paged.core.atomic import read_checkpoint
 from lightning_paged.core.errors import ExportError
-from lightning_paged.core.qlora import QLoRAConfig
+from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora
 from lightning_paged.core.run_checks import check_settings
 from lightning_paged.core.selection import select_target
 from lightning_paged.lightning.strategies.base import PLACES
@@ -63,6 +63,20 @@ class Trained:
     def target(self, module: Any) -> Any:
         """The converted submodule of ``module``, by the rule the run used (``model_attr``)."""
         return select_target(module, self.record.model_attr)
+
+    def load_adapter(self, target: Any, device: Any = "cpu") -> Any:
+        """``target`` (the run's base, as :meth:`target` selects it) quantized on ``device`` with the run's
+        QLoRA settings, holding the checkpoint's adapter: the model as it was trained."""
+        convert_to_qlora(target, replace(self.settings, gradient_checkpointing=False), device=device)
+        prefix = self.record.target_prefix
+        state = {k.removeprefix(prefix): v for k, v in self.weights.items() if k.startswith(prefix)}
+        loaded = target.load_state_dict(state, strict=False)
+        mismatched = loaded.unexpected_keys + [k for k in loaded.missing_keys if ".lora_" in k]
+        if mismatched:
+            raise ExportError(
+                f"the checkpoint's adapter does not fit the rebuilt model (first mismatch: {mismatched[0]})"
+            )
+        return target
 
 
 def read_trained(run: Path, config: Path | None) -> Trained:

@@ -1,9 +1,10 @@
-"""Building a bitsandbytes optimizer from a name, its parameter groups and its learning-rate schedule.
+"""Building a bitsandbytes optimizer from a name and its parameter groups; the settings of it and its schedule.
 
 One table, :data:`OPTIMIZERS`, maps every name that transformers' ``TrainingArguments.optim``
 and Ludwig's optimizer ``type`` give a bitsandbytes optimizer to the algorithm, the state bit
 width and paging. :func:`build_optimizer` also takes a dotted class path or a callable.
-Framework-free: the Lightning mixin, Fabric and Accelerate users call the same functions.
+Framework-free: the Lightning mixin, Fabric and Accelerate users call the same functions. The
+schedule itself is :mod:`lightning_paged.core.schedule`'s (``build_scheduler`` is re-exported here).
 """
 
 from __future__ import annotations
@@ -11,22 +12,19 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-import math
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, Literal
 
 import torch
-from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.kernels import cuda_8bit_refusal, cuda_algorithms
 from lightning_paged.core.paging import PagingPolicy, install_paging, is_bitsandbytes_optimizer, warn_once
+from lightning_paged.core.schedule import SCHEDULERS, SchedulerName, resolve_warmup
+from lightning_paged.core.schedule import build_scheduler as build_scheduler  # re-exported: its old home
+from lightning_paged.core.schedule import lr_factor as lr_factor
 from lightning_paged.core.settings import did_you_mean
-
-SchedulerName = Literal["constant", "linear", "cosine"]
-"""Learning-rate schedules :func:`build_scheduler` knows."""
-SCHEDULERS: tuple[str, ...] = get_args(SchedulerName)
 
 
 @dataclass(frozen=True)
@@ -121,6 +119,11 @@ class OptimizerConfig:
     """Learning-rate decay after warmup, stepped once per optimizer step; linear and cosine end at 0."""
     warmup_steps: int = 0
     """Optimizer steps of linear warmup, from ``lr / (warmup_steps + 1)`` up to ``lr``."""
+    warmup_ratio: float = 0.0
+    """Warmup as a fraction in [0, 1) of the run's optimizer steps, instead of ``warmup_steps``: ``ceil(ratio * steps)``
+    warmup steps, as transformers counts them. The steps are Lightning's estimate when the optimizer is built:
+    ``trainer.max_steps``, or with ``max_steps: -1`` the epochs (``max_epochs``, 1000 when neither is set) times the
+    optimizer steps per epoch."""
     page_adapters: bool = True
     """Page the state of small parameters (LoRA adapters) too, which bitsandbytes leaves unpaged below 100,000 elements."""
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -144,6 +147,17 @@ class OptimizerConfig:
             raise SettingError("scheduler", self.scheduler, f"must be one of {', '.join(SCHEDULERS)}")
         if not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
             raise SettingError("warmup_steps", self.warmup_steps, "must be a whole number, 0 or more")
+        ratio = self.warmup_ratio
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1:
+            raise SettingError("warmup_ratio", ratio, "must be a fraction in [0, 1), e.g. 0.03")
+        if ratio and self.warmup_steps:
+            raise SettingError(
+                "warmup_ratio", ratio, f"and warmup_steps ({self.warmup_steps}) both set the warmup: give one"
+            )
+
+    def warmup(self, total_steps: float | None) -> int:
+        """Warmup steps of a run of ``total_steps`` optimizer steps: ``warmup_steps``, or ``warmup_ratio`` of them."""
+        return resolve_warmup(self.warmup_steps, self.warmup_ratio, total_steps)
 
     def optimizer_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for :func:`build_optimizer`."""
@@ -343,51 +357,3 @@ def param_groups(
         return [{"params": decay + no_decay, "weight_decay": 0.0}] if decay or no_decay else []
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
-
-
-def lr_factor(
-    step: int,
-    scheduler: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: int | None = None,
-) -> float:
-    """Multiplier of the peak learning rate at optimizer step ``step`` (counted from 0).
-
-    Warmup rises linearly from ``1 / (warmup_steps + 1)`` so no step runs at a zero rate; linear
-    and cosine decay then reach 0 at ``total_steps``.
-    """
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if scheduler == "constant":
-        return 1.0
-    assert total_steps is not None, "linear and cosine schedules need total_steps"
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if scheduler == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer,
-    scheduler: str = "constant",
-    warmup_steps: int = 0,
-    total_steps: float | None = None,
-) -> LambdaLR:
-    """A ``LambdaLR`` over :func:`lr_factor`, to be stepped once per optimizer step."""
-    if scheduler not in SCHEDULERS:
-        raise SettingError("scheduler", scheduler, f"must be one of {', '.join(SCHEDULERS)}")
-    if scheduler != "constant" and (
-        total_steps is None or not math.isfinite(total_steps) or total_steps <= 0
-    ):
-        raise SettingError(
-            "scheduler",
-            scheduler,
-            f"needs a known number of training steps (got {total_steps}); set trainer.max_steps or use constant",
-        )
-    if total_steps is not None and warmup_steps >= total_steps:
-        raise SettingError(
-            "warmup_steps", warmup_steps, f"must be smaller than the {total_steps} training steps"
-        )
-    total = int(total_steps) if total_steps is not None and math.isfinite(total_steps) else None
-    schedule = functools.partial(lr_factor, scheduler=scheduler, warmup_steps=warmup_steps, total_steps=total)
-    return LambdaLR(optimizer, schedule)

@@ -17,7 +17,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from lightning_paged.core.compat.torch import set_last_lr
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler, param_groups
+from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, param_groups
 from lightning_paged.core.paging import (
     ManagedMemory,
     PagingPolicy,
@@ -26,6 +26,7 @@ from lightning_paged.core.paging import (
     warn_once,
 )
 from lightning_paged.core.qlora import is_qlora
+from lightning_paged.core.schedule import build_scheduler
 from lightning_paged.core.settings import settings_from_mapping
 
 _CONVERT_FIRST = (
@@ -61,8 +62,8 @@ def optimizer_and_schedule(
     if not groups:
         raise SettingError("model", type(module).__name__, f"has no trainable parameters{if_empty}")
     policy = PagingPolicy(page_small=config.page_adapters, memory=memory or ManagedMemory())
-    warmup = config.warmup_steps if warmup_steps is None else warmup_steps
     try:
+        warmup = config.warmup(total_steps) if warmup_steps is None else warmup_steps
         optimizer = build_optimizer(config.name, groups, paging=policy, **config.optimizer_kwargs())
         scheduler = build_scheduler(optimizer, config.scheduler, warmup, total_steps)
     except SettingError as err:

@@ -140,3 +140,23 @@ def encode_texts(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     if not texts:
         return []
     return list(tokenizer(list(texts), add_special_tokens=False)["input_ids"])
+
+
+def save_tokenizer(spec: str, directory: str | Path, chat_template: str = "auto") -> bool:
+    """Write the files of the tokenizer the ``tokenizer`` setting names into ``directory``.
+
+    As transformers' ``Trainer`` saves its tokenizer beside the model it writes
+    (``trainer.py:4219``), so the directory loads with ``AutoTokenizer`` and prompts with
+    ``apply_chat_template`` as in training. A ``chat_template`` setting that is a template or a
+    template file is saved as the tokenizer's chat template. Returns False for the byte tokenizer
+    (nothing to save).
+    """
+    if spec == BYTE:
+        return False
+    from lightning_paged.core.chat import CHOICES, resolve_template
+
+    tokenizer = load_tokenizer(spec)
+    if chat_template not in CHOICES:
+        tokenizer.chat_template = resolve_template(chat_template, tokenizer)[0]
+    tokenizer.save_pretrained(str(directory))
+    return True

@@ -1,6 +1,6 @@
-"""``InstructionDataModule``: the instruction data of :mod:`lightning_paged.core.instructions` as a LightningDataModule.
+"""``InstructionDataModule``: the fine-tuning data of :mod:`lightning_paged.core.instructions` as a LightningDataModule.
 
-The data logic (formats, response-only labels, truncation, the split, packing, batching) is
+The data logic (formats, chat templates, labels, truncation, the split, packing, batching) is
 framework-free in :class:`~lightning_paged.core.instructions.InstructionData`; this module adds
 Lightning's hooks and reports on rank zero.
 """
@@ -15,15 +15,23 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader
 from typing_extensions import override
 
+from lightning_paged.core.encoding import ALPACA_INPUT, ALPACA_PROMPT, ROLE_HEADER
 from lightning_paged.core.instructions import InstructionData
 from lightning_paged.core.packing import IGNORE_INDEX
 from lightning_paged.core.sampling import LengthGroupedBatchSampler
 
-__all__ = ["IGNORE_INDEX", "InstructionDataModule", "LengthGroupedBatchSampler"]
+__all__ = [
+    "ALPACA_INPUT",
+    "ALPACA_PROMPT",
+    "IGNORE_INDEX",
+    "ROLE_HEADER",
+    "InstructionDataModule",
+    "LengthGroupedBatchSampler",
+]
 
 
 class InstructionDataModule(InstructionData, LightningDataModule):
-    """Alpaca-style or chat instruction data from a local JSON/JSONL file, with response-only labels."""
+    """Instruction, chat or text data from a local file, with labels on what the model should learn."""
 
     def __init__(self, data_path: str, *args: Any, **settings: Any) -> None:
         """Arguments are :class:`~lightning_paged.core.instructions.InstructionData`'s, typed and documented once there."""
@@ -50,7 +58,7 @@ class InstructionDataModule(InstructionData, LightningDataModule):
 
     @override
     def test_dataloader(self) -> DataLoader | list:
-        """The validation split (the file has no separate test split)."""
+        """The validation data (there is no separate test set)."""
         return self.val_loader()
 
     @override

@@ -68,7 +68,9 @@ class PagedOptimizerMixin(LightningModule):
         optimizer, scheduler = optimizer_and_schedule(
             self,
             config,
-            total_steps=None if config.scheduler == "constant" else self._total_steps(),
+            total_steps=None
+            if config.scheduler == "constant" and not config.warmup_ratio
+            else self._total_steps(),
             memory=self.managed_memory,
             where=PLACES.optimizer,
             if_empty=" (requires_grad); nothing to optimize",

@@ -10,8 +10,10 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_paged.compat import lightning as lightning_compat
+from lightning_paged.core.encoding import Prompt
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_optimizer import model_parameters
+from lightning_paged.core.generation import Answer, generate_answer
 from lightning_paged.core.loading import deferred_directory, load_unquantized
 from lightning_paged.core.models import model_from_config, model_from_directory
 from lightning_paged.core.optimizers import OptimizerConfig
@@ -72,8 +74,10 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
             tokenizer: ``"byte"`` or a local tokenizer directory: the data's tokenizer, used to decode
                 the generated sample. Give the same value as ``data.tokenizer``.
             optimizer: Optimizer and learning-rate schedule; None takes the defaults.
-            sample_prompt: An instruction to answer after each validation, logged on rank zero so you
-                can watch the model learn. Formatted with the data module's prompt template. None: off.
+            sample_prompt: An instruction to answer after each validation, logged on rank zero with the
+                prompt as the model received it, so you can watch the model learn. Rendered as the data
+                module's training samples are (its chat template's generation prompt, role headers or the
+                alpaca prompt); the answer stops at the template's end-of-turn token. None: off.
             sample_max_new_tokens: Most tokens generated for the sample.
         """
         super().__init__()
@@ -221,45 +225,48 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         # Every rank generates: under FSDP each forward all-gathers the sharded weights, and a rank that
         # sat it out would leave the others waiting for ever. Greedy decoding of the same weights gives
         # every rank the same text; rank zero reports it.
-        self.last_sample = self.generate_sample(self.sample_prompt)
+        prompt, answer = self._answer(self.sample_prompt)
+        self.last_sample = answer.text
         if not self.trainer.is_global_zero:
             return
-        rank_zero_info(f"Sample at step {self.global_step}: {self.sample_prompt!r} -> {self.last_sample!r}")
+        shown = f"{answer.text!r}" + (f" ({answer.note})" if answer.note else "")
+        rank_zero_info(f"Sample at step {self.global_step}: {prompt.text!r} -> {shown}")
         for logger in self.loggers:
             add_text = getattr(getattr(logger, "experiment", None), "add_text", None)
             if callable(add_text):
-                add_text("sample", f"{self.sample_prompt} -> {self.last_sample}", self.global_step)
+                add_text("sample", f"{prompt.text} -> {answer.text}", self.global_step)
 
-    @torch.no_grad()
+    def prompt_for(self, text: str) -> tuple[Prompt, list[int]]:
+        """The prompt the model continues for ``text``, and the tokens that end its answer.
+
+        Rendered by the data module as its training samples are (a chat template's generation
+        prompt, role headers or the alpaca prompt), stopping at the template's end-of-turn token
+        and the end-of-sequence token; without such a data module, ``text`` after the
+        beginning-of-sequence token, stopping at the end-of-sequence token.
+        """
+        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
+        if callable(getattr(datamodule, "generation_prompt", None)):
+            return datamodule.generation_prompt(text), list(datamodule.stop_ids)  # type: ignore[union-attr]
+        bos, eos = getattr(self.tokenizer, "bos_token_id", None), self.tokenizer.eos_token_id
+        ids = ([] if bos is None else [bos]) + encode_texts(self.tokenizer, [text])[0]
+        return Prompt(ids, self.tokenizer.decode(ids)), [] if eos is None else [eos]
+
     def generate_sample(self, instruction: str) -> str:
-        """Greedy answer to ``instruction``, in the data module's prompt format when there is one.
+        """Greedy answer to ``instruction``, prompted as :meth:`prompt_for` renders it.
 
         With several processes every rank must call it (with the same instruction): a sharded model
         gathers its weights in each forward, and the ranks keep generating until all have finished.
         """
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer is not None else None
-        if callable(getattr(datamodule, "prompt_ids", None)):
-            ids = datamodule.prompt_ids(instruction)  # type: ignore[union-attr]
-        else:
-            bos = getattr(self.tokenizer, "bos_token_id", None)
-            ids = ([] if bos is None else [bos]) + encode_texts(self.tokenizer, [instruction])[0]
-        input_ids = torch.tensor([ids], device=self.device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            output = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=torch.ones_like(input_ids),
-                max_new_tokens=self.sample_max_new_tokens,
-                do_sample=False,
-                use_cache=True,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.tokenizer.eos_token_id,
-                synced_gpus=_several_processes(),  # every rank runs every forward until all have finished
-            )
-        finally:
-            self.model.train(was_training)
-        return self.tokenizer.decode(output[0, len(ids) :], skip_special_tokens=True)
+        return self._answer(instruction)[1].text
+
+    def _answer(self, text: str) -> tuple[Prompt, Answer]:
+        prompt, stop_ids = self.prompt_for(text)
+        # with several processes every rank runs every forward until all have finished
+        synced = _several_processes()
+        answer = generate_answer(
+            self.model, self.tokenizer, prompt, stop_ids, self.sample_max_new_tokens, synced_gpus=synced
+        )
+        return prompt, answer
 
 
 def _several_processes() -> bool:

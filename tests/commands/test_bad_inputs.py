@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import quiet_trainer, tiny_llama_config
+from conftest import CHATML, build_chat_tokenizer, quiet_trainer, tiny_llama_config
 from safetensors.torch import load_file
 
 from lightning_paged.commands.errors import TRACEBACK_ENV
@@ -328,8 +328,65 @@ ROWS = [
         ["--ckpt_path", "{ckpt}", f"{MODEL}model_config.hidden_size", "64"],
         ["hidden_size"],
     ),
+    # data formats, columns, chat templates, validation file, warmup
+    Row(
+        "data_unknown_role",
+        [f"{DATA}data_path", "{bad}/unknown-role.jsonl"],
+        ["data.init_args.data_path", "line 2", "role 'bot'", "system, user, assistant, tool"],
+    ),
+    Row(
+        "data_fits_no_format",
+        [f"{DATA}data_path", "{bad}/other-fields.jsonl"],
+        ["data.init_args.data_path", "'question', 'answer'", "columns"],
+    ),
+    Row(
+        "columns_missing_column",
+        [f"{DATA}columns", "{{output: answer}}", f"{DATA}format", "alpaca"],
+        ["data.init_args.data_path", "no 'answer'", "columns maps 'output' to 'answer'"],
+    ),
+    Row(
+        "columns_unknown_field",
+        [f"{DATA}columns", "{{ouput: answer}}"],
+        ["data.init_args.columns.ouput", "'output'"],
+    ),
+    Row("format_unknown", [f"{DATA}format", "chatml"], ["data.init_args.format", "sharegpt"]),
+    Row(
+        "chat_template_file_missing",
+        [f"{DATA}chat_template", "{bad}/no-such.jinja"],
+        ["data.init_args.chat_template", "no-such.jinja", "auto, tokenizer, headers"],
+    ),
+    Row(
+        "chat_template_tokenizer_has_none",
+        [f"{DATA}chat_template", "tokenizer"],
+        ["data.init_args.chat_template", "has none"],
+    ),
+    Row(
+        "chat_template_cannot_mark",
+        [f"{MODEL}tokenizer", "{bad}/chat-tokenizer", f"{DATA}tokenizer", "{bad}/chat-tokenizer"],
+        ["data.init_args.chat_template", "no {% generation %} block", "generation prompt"],
+    ),
+    Row(
+        "val_path_and_val_split",
+        [f"{DATA}val_path", "{bad}/data.jsonl", f"{DATA}val_split", "0.1"],
+        ["data.init_args.val_split", "val_path"],
+    ),
+    Row(
+        "warmup_steps_and_ratio",
+        [f"{MODEL}optimizer.warmup_steps", "1", f"{MODEL}optimizer.warmup_ratio", "0.1"],
+        ["model.init_args.optimizer.warmup_ratio", "warmup_steps"],
+    ),
     # the other commands
     Row("export_missing_run", ["export", "{bad}/no-such-run", "--out", "{bad}/export"], ["no-such-run"]),
+    Row(
+        "generate_missing_run",
+        ["generate", "{bad}/no-such-run", "--prompts", "{bad}/data.jsonl", "--out", "{bad}/out.jsonl"],
+        ["no-such-run"],
+    ),
+    Row(
+        "generate_bad_prompts",
+        ["generate", "{run}", "--prompts", "{bad}/not-json.jsonl", "--out", "{bad}/out.jsonl"],
+        ["--prompts", "not-json.jsonl", "line 1"],
+    ),
     Row("report_missing_log", ["report", "{bad}/no-such.jsonl"], ["no-such.jsonl"]),
 ]
 SUBPROCESS_ROWS = ["lora_r_zero", "yaml_syntax"]
@@ -404,6 +461,17 @@ def broken_inputs(base: Path, model: Path, data: Path) -> Path:
     (bad / "hash-template.yaml").write_text(
         "data:\n  init_args:\n    prompt_template: ### Q {instruction}{input}\n"
     )
+    (bad / "unknown-role.jsonl").write_text(
+        (bad / "data.jsonl").read_text().splitlines()[0]
+        + "\n"
+        + json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "bot", "content": "hello"}]})
+        + "\n"
+    )
+    (bad / "other-fields.jsonl").write_text(json.dumps({"question": "2+2?", "answer": "4"}) + "\n")
+    # a tokenizer whose template starts an assistant turn unlike its generation prompt
+    build_chat_tokenizer(
+        bad / "chat-tokenizer", CHATML.replace("<|im_start|>assistant\n", "<|im_start|>bot\n", 1)
+    )
     (bad / "read-only").mkdir()
     (bad / "read-only").chmod(0o555)
     return bad
@@ -421,7 +489,7 @@ def digest(directory: Path) -> dict[str, str]:
 def argv_of(row: Row, inputs: dict[str, Path]) -> list[str]:
     values = {k: str(v) for k, v in inputs.items()}
     args = [a.format(**values) for a in row.args]
-    if args[0] in ("export", "report", "predict"):
+    if args[0] in ("export", "report", "predict", "generate"):
         return args
     run = fresh_run_dir(row, inputs) if row.fresh else values["run"]
     return ["fit", "--config", values["config"], "--vars.run_dir", str(run), *args]

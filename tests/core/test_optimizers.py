@@ -209,6 +209,24 @@ def test_decaying_schedules_need_the_number_of_steps():
         build_scheduler(optimizer, "linear", 10, 10)
 
 
+def test_warmup_ratio_is_a_fraction_of_the_steps_known_when_the_schedule_is_built():
+    assert OptimizerConfig(warmup_ratio=0.1).warmup(50) == 5
+    assert OptimizerConfig(warmup_ratio=0.03).warmup(100) == 3
+    assert OptimizerConfig(warmup_ratio=0.25).warmup(7) == 2  # ceil(1.75), as transformers counts
+    assert OptimizerConfig(warmup_ratio=0.99).warmup(4) == 3  # never the whole run
+    assert OptimizerConfig(warmup_steps=3).warmup(None) == 3
+    with pytest.raises(
+        SettingError, match=r"^warmup_ratio needs a known number of training steps \(got inf\)"
+    ):
+        OptimizerConfig(warmup_ratio=0.1).warmup(float("inf"))
+    with pytest.raises(
+        SettingError, match=r"^warmup_ratio and warmup_steps \(2\) both set the warmup: give one"
+    ):
+        OptimizerConfig(warmup_ratio=0.1, warmup_steps=2).validate()
+    with pytest.raises(SettingError, match=r"^warmup_ratio must be a fraction in \[0, 1\)"):
+        OptimizerConfig(warmup_ratio=1.5).validate()
+
+
 @pytest.mark.parametrize(
     "name", ["paged_adamw_8bit", "paged_adamw_32bit", "lion_8bit", "paged_ademamix_8bit"]
 )

@@ -207,11 +207,11 @@ def setup_error(path: Path, **kwargs) -> str:
 
 
 def test_a_file_that_is_not_json_names_the_file_and_the_line(tmp_path):
-    csv = tmp_path / "data.csv"
-    csv.write_text("instruction,output\nhi,there\n")
-    message = setup_error(csv)
+    text = tmp_path / "data.txt"
+    text.write_text("instruction,output\nhi,there\n")
+    message = setup_error(text)
     assert message.startswith("data_path is not valid JSON or JSON Lines") and "line 1, column 1" in message
-    assert str(csv) in message
+    assert str(text) in message
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "a", "output": "b"}\n\n{"instruction": "c", "output": }\n')
     assert "at line 3, column" in setup_error(broken)

@@ -134,6 +134,15 @@ def test_fit_steps_the_schedule_per_optimizer_step_and_reports_coverage_once():
     assert trainer.logged_metrics["paging/unpaged_bytes/paging_unavailable_on_cpu"] > 0
 
 
+def test_warmup_ratio_counts_the_steps_of_max_epochs_when_max_steps_is_unset():
+    module = Tiny(OptimizerConfig(name="adamw", lr=0.1, warmup_ratio=0.5))
+    trainer = _trainer(-1, max_epochs=3, accumulate_grad_batches=2)  # 2 batches an epoch: 1 optimizer step
+    trainer.fit(module)
+    assert trainer.global_step == 3
+    # ceil(0.5 * 3) = 2 warmup steps, rising from lr / 3, then the constant rate
+    assert module.lrs == pytest.approx([lr for lr in (0.1 / 3, 0.2 / 3, 0.1) for _ in range(2)])
+
+
 def _paged_module(config):
     module = Tiny(config)
     module.managed_memory = HostMemory()
