@@ -164,7 +164,7 @@ def load_and_convert(
         swapped: list[tuple[str, nn.Module]] = []
         read = [0]
 
-        def layers(name: str, linear: nn.Linear) -> nn.Module:
+        def layers(name: str, linear: nn.Module) -> nn.Module:
             swapped.append((name, linear))
             return _layer(name, linear, files, plan, config, device, read)
 
@@ -186,7 +186,7 @@ def load_and_convert(
 
 def _layer(
     name: str,
-    linear: nn.Linear,
+    linear: Any,
     files: WeightFiles,
     plan: _Plan,
     config: QLoRAConfig,
