@@ -47,8 +47,8 @@ from lightning_paged.core.loading.stream import (
     LoadReport,
     _layer,
     _place_unquantized,
-    _trim_host_heap,
     plan_load,
+    trim_host_heap,
 )
 from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
 from lightning_paged.core.qlora import ConversionReport
@@ -277,7 +277,7 @@ class _DirectorySource:
         place_non_quantized(self.model, self.config, self.device, modules=[m for _, m in plain])
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
-        return _layer(name, linear, self.files, self.plan, self.config, self.device, self.read)
+        return _layer(self.model, name, linear, self.files, self.plan, self.config, self.device, self.read)
 
     def trim(self) -> None:
         _trim_if_host(self.device)
@@ -289,9 +289,10 @@ class _DirectorySource:
             files=len(self.files.files),
             tensors_read=self.read[0],
             prequantized=self.plan.prequantized is not None,
+            stored_layers=len(self.plan.packed),
         )
 
 
 def _trim_if_host(device: torch.device) -> None:
     if device.type == "cpu":
-        _trim_host_heap()
+        trim_host_heap()

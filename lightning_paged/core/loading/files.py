@@ -164,6 +164,14 @@ class WeightFiles:
         except Exception as err:
             raise WeightLoadError(f"{entry.file}: tensor {key} cannot be read ({err})") from None
 
+    def read_slice(self, key: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` of the tensor ``key`` (one expert of a stacked tensor), reading only that part."""
+        entry = self.entries[key]
+        try:
+            return self._handles[entry.file].get_slice(key)[index]
+        except Exception as err:
+            raise WeightLoadError(f"{entry.file}: tensor {key}[{index}] cannot be read ({err})") from None
+
     def where(self, key: str) -> str:
         """``<file name>: tensor <key>``, for messages."""
         entry = self.entries.get(key)
