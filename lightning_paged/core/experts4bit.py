@@ -209,6 +209,14 @@ def check_interface(name: str, module: nn.Module, setting: str = "quantize_exper
         )
 
 
+def check_experts(model: nn.Module, config: QLoRAConfig) -> None:
+    """Refuse, before anything is converted, experts that ``quantize_experts`` or ``lora_on_experts`` cannot handle."""
+    if config.quantize_experts or config.lora_on_experts:
+        setting = "quantize_experts" if config.quantize_experts else "lora_on_experts"
+        for name, module in find_experts(model).items():
+            check_interface(name, module, setting)
+
+
 def _record_order(module: nn.Module) -> None:
     module.__dict__.setdefault(ORDER, tuple(expert_parameters(module)))
 

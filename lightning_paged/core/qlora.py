@@ -19,7 +19,13 @@ from torch import nn
 from lightning_paged.core.conv1d import is_conv1d
 from lightning_paged.core.deferred import deferred_weights
 from lightning_paged.core.errors import SettingError
-from lightning_paged.core.experts4bit import ExpertReader, ExpertsReport, find_experts, quantize_experts
+from lightning_paged.core.experts4bit import (
+    ExpertReader,
+    ExpertsReport,
+    check_experts,
+    find_experts,
+    quantize_experts,
+)
 from lightning_paged.core.layers4bit import (
     linear4bit_layers,
     param_count,
@@ -144,6 +150,7 @@ def convert_to_qlora(
 
     linear_names, quantized, targets = select_layers(model, config)
     skipped = [n for n in linear_names if n not in quantized]
+    check_experts(model, config)  # before anything changes
 
     replaced_bytes = 0
     quantized_bytes = 0

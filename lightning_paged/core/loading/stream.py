@@ -22,7 +22,7 @@ from lightning_paged.core.compat.torch import own_buffers, own_parameters
 from lightning_paged.core.compat.transformers import keys_to_ignore_on_load
 from lightning_paged.core.conv1d import linear_weight_shape
 from lightning_paged.core.deferred import mark_deferred
-from lightning_paged.core.experts4bit import check_interface, expert_parameters, find_experts
+from lightning_paged.core.experts4bit import check_experts, expert_parameters, find_experts
 from lightning_paged.core.layers4bit import non_quantized_dtype, quantize_linear, set_submodule
 from lightning_paged.core.loading.expert_stash import ExpertStash
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, ignored, listing
@@ -82,6 +82,7 @@ class _Plan:
 
 def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Plan:
     """Match every tensor of ``model`` to the files (with transformers' key conversion), or raise naming what does not fit."""
+    check_experts(model, config)  # experts the conversion cannot handle are refused before anything is read
     model_keys = model.state_dict(keep_vars=True)
     layer_names = linear_layer_names(model)
     quantized = [n for n in layer_names if not matches(n, config.skip_modules)]
@@ -152,12 +153,8 @@ def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Pla
             f"converts them for {type(model).__name__}). The files are incomplete or belong to another model"
         )
     experts: set[str] = set()
-    for module_name, module in find_experts(model).items():
-        if config.quantize_experts or config.lora_on_experts:  # refused before anything is read
-            check_interface(
-                module_name, module, "quantize_experts" if config.quantize_experts else "lora_on_experts"
-            )
-        if config.quantize_experts:
+    if config.quantize_experts:
+        for module_name, module in find_experts(model).items():
             experts.update(f"{module_name}.{p}" for p in expert_parameters(module))
     return _Plan(
         sources=sources,
