@@ -90,7 +90,9 @@ def test_each_expert_is_quantized_as_a_linear4bit_weight_would_be(settings):
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
 def test_loss_and_input_gradients_equal_a_dense_copy_of_the_same_4bit_experts(model_type):
     """gpt_oss: experts stored transposed (in x out), with biases and its own gate."""
-    model = tiny(model_type)
+    model = tiny(
+        model_type, **({"num_local_experts": 4, "num_experts_per_tok": 2} if model_type == "gpt_oss" else {})
+    )
     original = copy.deepcopy(model)
     convert_to_qlora(model, FAST, device="cpu")
     reference = dense_reference(original, model)
@@ -197,3 +199,13 @@ def test_lora_on_experts_needs_no_dropout():
         QLoRAConfig(lora_on_experts=True, lora_dropout=0.05).validate()
     with pytest.raises(SettingError, match=r"^use_dora cannot be used with lora_on_experts"):
         QLoRAConfig(lora_on_experts=True, lora_dropout=0.0, use_dora=True).validate()
+
+
+def test_merging_lora_on_experts_is_refused_with_what_to_do(tmp_path):
+    from lightning_paged.core.export import ExportError, adapter_from_model, merge_adapter
+
+    model = tiny()
+    convert_to_qlora(model, QLoRAConfig(**{**vars(FAST), "lora_on_experts": True}), device="cpu")
+    with pytest.raises(ExportError, match=r"merging LoRA on fused expert weights .* merge_and_unload\(\)"):
+        merge_adapter(adapter_from_model(model), tmp_path, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
