@@ -302,6 +302,10 @@ def test_restore_training_layout_undoes_cpu_repacking():
         ({"compute_dtype": "fp8"}, "trainer.strategy.init_args.compute_dtype must be one of"),
         ({"lora_r": 0}, "trainer.strategy.init_args.lora_r must be a positive integer"),
         ({"target_modules": "all"}, "target_modules must be 'all-linear' or a list"),
+        (
+            {"lora_on_experts": True},
+            r"^trainer.strategy.init_args.lora_dropout cannot be used with lora_on_experts",
+        ),
     ],
 )
 def test_bad_settings_name_the_setting(kwargs, message):
@@ -328,7 +332,7 @@ def test_model_without_linear_layers_is_refused():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     t = trainer(strategy=PagedQLoRAStrategy(), max_steps=1)
-    with pytest.raises(SettingError, match="has no nn.Linear layers"):
+    with pytest.raises(SettingError, match=r"has no linear layers \(nn.Linear or transformers' Conv1D\)"):
         t.fit(NoLinear(), train_dataloaders=DataLoader([torch.randn(1, 2, 3)], batch_size=None))
 
 
