@@ -97,7 +97,7 @@ class ConversionReport:
         if self.expert_tensors:
             experts = (
                 f"; {self.expert_params:,} expert parameters in 4-bit ({len(self.expert_tensors)} fused expert "
-                f"tensors, {self.experts} experts, each quantized on its own"
+                f"tensors, {self.experts} expert matrices, each quantized on its own"
                 + (f", LoRA on {', '.join(self.adapted_experts)}" if self.adapted_experts else "")
                 + ")"
             )

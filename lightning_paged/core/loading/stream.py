@@ -207,6 +207,8 @@ def load_and_convert(
             return _layer(model, name, linear, files, plan, config, device, read)
 
         def expert(name: str, index: int) -> torch.Tensor:
+            if device.type == "cpu":  # the previous expert's quantization scratch, back to the system
+                trim_host_heap()
             return experts.read(plan.sources[name], files, name, index, read)
 
         try:
