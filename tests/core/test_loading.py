@@ -417,3 +417,17 @@ def test_strategy_streams_a_mixtral_directory_with_4bit_experts_and_resumes_thei
     assert resumed_trainer.global_step == 2
     moved = {k: v for k, v in resumed.state_dict().items() if ".experts.lora_B" in k}
     assert moved and all(not torch.equal(v, trained[k]) for k, v in moved.items())
+
+
+def test_a_model_transformers_cannot_build_as_a_causal_lm_is_refused_by_name(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(
+        WeightLoadError,
+        match=r"is a 't5' model \(T5Config\), which transformers does not build as a causal .*llama",
+    ):
+        empty_model(tmp_path / "t5")
+    with pytest.raises(SettingError, match=r"^model_name_or_path cannot be loaded: .*'t5' model"):
+        CausalLMModule(model_name_or_path=str(tmp_path / "t5"))
