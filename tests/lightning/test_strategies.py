@@ -375,10 +375,18 @@ def test_strategies_take_every_qlora_setting_by_name_and_refuse_an_unknown_one()
         use_dora=True,
         gradient_checkpointing=False,
         upcast_non_quantized=True,
+        quantize_experts=False,
     )
-    assert wanted != QLoRAConfig() and all(v != getattr(QLoRAConfig(), k) for k, v in asdict(wanted).items())
+    # LoRA on the experts allows neither dropout nor DoRA: its non-default value goes in a second config
+    experts = QLoRAConfig(lora_dropout=0.0, lora_on_experts=True, quant_storage="bfloat16")
+    defaults = QLoRAConfig()
+    assert wanted != defaults and all(
+        v != getattr(defaults, k) for k, v in asdict(wanted).items() if k != "lora_on_experts"
+    )
+    assert experts.lora_on_experts != defaults.lora_on_experts
     for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy):
         assert cls(**asdict(wanted)).qlora == wanted, cls
+        assert cls(**asdict(experts)).qlora == experts, cls
         with pytest.raises(SettingError, match=r"^trainer\.strategy\.init_args\.lora_rank is not a setting"):
             cls(lora_rank=8)
 
