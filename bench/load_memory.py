@@ -15,13 +15,17 @@ Memory is the peak of ``RssAnon`` (anonymous resident memory, from ``/proc/self/
 every millisecond in a thread) above the worker's level after its imports: the file pages of the
 memory-mapped safetensors files are the page cache's and do not count. Goals: (a) <= 1.1 x (b), and
 (a) <= the loaded 4-bit model + the largest single tensor at 16 bits, + 10 %. The growth study loads
-the same model saved with other shard sizes and a model half the size.
+the same model saved with other shard sizes and a model half the size. A small Mixtral (mixture of
+experts, saved with per-expert checkpoint keys as transformers saves it) compares (a) with (b): the
+streaming load quantizes each expert as it is read, while transformers' 4-bit load keeps the experts,
+most of the model, in 16 bits.
 
 Models are generated once (random bfloat16 weights written straight to safetensors shards, never a
 whole model in memory) under ``--cache-dir`` and reused:
 
     python bench/load_memory.py               # ~0.5B Llama in 200 MB shards + growth, a few minutes
-    python bench/load_memory.py --quick       # smoke test: a ~26M-parameter model in 4 MB shards
+    python bench/load_memory.py --only moe    # the ~0.2B Mixtral alone
+    python bench/load_memory.py --quick       # smoke test: a ~26M-parameter model in 4 MB shards, a ~15M MoE
 """
 
 from __future__ import annotations
@@ -52,20 +56,34 @@ QUICK = {
     "26M": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=6, vocab_size=8192),
 }
 COMMON = dict(num_attention_heads=16, num_key_value_heads=8, max_position_embeddings=2048)
+MOE_FULL = {
+    "moe-0.2B": dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=4, vocab_size=32000),
+}
+MOE_QUICK = {
+    "moe-15M": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, vocab_size=4096),
+}
+MOE_COMMON = dict(num_local_experts=8, num_experts_per_tok=2)
 
 
 # --- the saved models ------------------------------------------------------------------------------------
 
 
 def model_dir(cache: Path, size: str, shard_mb: int) -> Path:
-    return cache / f"llama-{size}-{shard_mb}MB"
+    family = "mixtral" if size.startswith("moe") else "llama"
+    return cache / f"{family}-{size}-{shard_mb}MB"
 
 
 def generate(directory: Path, settings: dict[str, Any], shard_mb: int, seed: int = 0) -> None:
-    """A Llama directory with random bfloat16 weights, written shard by shard (never all in memory)."""
+    """A Llama (or, for a ``moe-`` size, Mixtral) directory with random bfloat16 weights, written shard by shard.
+
+    Never the whole model in memory: one block's tensors at a time. A Mixtral's experts are written
+    under the per-expert checkpoint keys transformers saves (``block_sparse_moe.experts.N.w1``),
+    by transformers' own reverse conversion.
+    """
     import torch
     from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
+    from transformers.core_model_loading import revert_weight_conversion
 
     from lightning_paged.core.loading.skeleton import parameters_on_meta
 
@@ -73,9 +91,12 @@ def generate(directory: Path, settings: dict[str, Any], shard_mb: int, seed: int
         return
     staging = directory.with_name(directory.name + ".partial")
     staging.mkdir(parents=True, exist_ok=True)
-    config = LlamaConfig(**settings, **COMMON, tie_word_embeddings=False, dtype="bfloat16")
+    moe = "moe" in directory.name
+    kind, build = (MixtralConfig, MixtralForCausalLM) if moe else (LlamaConfig, LlamaForCausalLM)
+    extra = MOE_COMMON if moe else {}
+    config = kind(**settings, **COMMON, **extra, tie_word_embeddings=False, dtype="bfloat16")
     with parameters_on_meta():
-        skeleton = LlamaForCausalLM(config)
+        skeleton = build(config)
     generator = torch.Generator().manual_seed(seed)
     written: list[tuple[Path, list[str]]] = []
     shard: dict[str, torch.Tensor] = {}
@@ -87,17 +108,25 @@ def generate(directory: Path, settings: dict[str, Any], shard_mb: int, seed: int
         written.append((path, list(shard)))
         shard.clear()
 
+    blocks: dict[str, dict[str, Any]] = {}  # the model's tensors grouped by block, in order
     for name, param in skeleton.state_dict().items():
-        nbytes = param.numel() * 2
-        if shard and size + nbytes > shard_mb * MB:
-            flush()
-            size = 0
-        if name.endswith("norm.weight"):
-            shard[name] = torch.ones(param.shape, dtype=torch.bfloat16)
-        else:
-            shard[name] = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
-        size += nbytes
-        total += nbytes
+        block = name.split(".layers.")[1].split(".")[0] if ".layers." in name else name
+        blocks.setdefault(block, {})[name] = param
+    for params in blocks.values():
+        tensors = {}
+        for name, param in params.items():
+            if name.endswith("norm.weight"):
+                tensors[name] = torch.ones(param.shape, dtype=torch.bfloat16)
+            else:
+                tensors[name] = (torch.randn(param.shape, generator=generator) * 0.02).to(torch.bfloat16)
+        for name, tensor in revert_weight_conversion(skeleton, tensors).items():  # checkpoint keys
+            nbytes = tensor.numel() * 2
+            if shard and size + nbytes > shard_mb * MB:
+                flush()
+                size = 0
+            shard[name] = tensor.contiguous()
+            size += nbytes
+            total += nbytes
     flush()
     weight_map = {}
     for index, (path, keys) in enumerate(written, start=1):
@@ -184,6 +213,7 @@ def worker(method: str, directory: Path) -> dict[str, Any]:
     import peft  # noqa: F401
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+    from lightning_paged.core.experts4bit import ExpertWeights4bit
     from lightning_paged.core.loading import WeightFiles, empty_model
     from lightning_paged.core.qlora import QLoRAConfig, convert_to_qlora, linear4bit_layers
 
@@ -222,6 +252,7 @@ def worker(method: str, directory: Path) -> dict[str, Any]:
         "loaded_model_bytes": loaded,
         "largest_tensor_16bit_bytes": largest * 2,
         "quantized_layers": len(linear4bit_layers(model)),
+        "expert_tensors_4bit": sum(isinstance(m, ExpertWeights4bit) for m in model.modules()),
         "seconds": round(seconds, 2),
     }
 
@@ -274,6 +305,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a ~26M-parameter model in 4 MB shards")
     parser.add_argument("--cache-dir", type=Path, default=Path("/tmp/lightning_paged_bench"))
     parser.add_argument("--out-dir", type=Path, default=None)
+    parser.add_argument(
+        "--only", choices=("main", "growth", "moe"), action="append", help="run only these cases (repeatable)"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
     parser.add_argument("--dir", type=Path, help=argparse.SUPPRESS)
@@ -288,18 +322,23 @@ def main() -> None:
 
     if args.quick:
         cache = args.out_dir or args.cache_dir
-        plan = [("26M", 4, ("streaming", BIN, "load_then_convert"), "main")]
-        models = QUICK
+        plan = [
+            ("26M", 4, ("streaming", BIN, "load_then_convert"), "main"),
+            ("moe-15M", 4, ("streaming", "transformers_4bit"), "moe"),
+        ]
+        models = {**QUICK, **MOE_QUICK}
     else:
         cache = args.cache_dir
-        models = FULL
+        models = {**FULL, **MOE_FULL}
         plan = [
+            ("moe-0.2B", 100, ("streaming", "transformers_4bit"), "moe"),
             ("0.5B", 200, (*METHODS, BIN), "main"),
             ("0.5B", 100, ("streaming", "transformers_4bit"), "growth"),
             ("0.5B", 400, ("streaming", "transformers_4bit"), "growth"),
             ("0.25B", 200, ("streaming", "transformers_4bit"), "growth"),
         ]
     cases = []
+    plan = [case for case in plan if not args.only or case[3] in args.only]
     for size, shard_mb, methods, role in plan:
         directory = model_dir(cache, size, shard_mb)
         generate(directory, models[size], shard_mb)
@@ -319,7 +358,8 @@ def main() -> None:
         )
         print(f"{size} in {shards} shards of {shard_mb} MB: " + json.dumps(cases[-1]["goals"]), flush=True)
     report = {"machine": machine_info(threads=1, device="cpu"), "cases": cases}
-    write_results(NAME, report, render(cases), args.quick, args.out_dir)
+    name = NAME if not args.only else "_".join([NAME, *sorted(set(args.only))])
+    write_results(name, report, render(cases), args.quick, args.out_dir)
 
 
 def render(cases: list[dict[str, Any]]) -> str:
@@ -334,6 +374,7 @@ def render(cases: list[dict[str, Any]]) -> str:
                     fmt_bytes(run["peak_above_baseline_bytes"]),
                     fmt_bytes(run["loaded_model_bytes"]),
                     fmt_bytes(run["largest_tensor_16bit_bytes"]),
+                    f"{run['quantized_layers']} + {run.get('expert_tensors_4bit', 0)}",
                     f"{run['seconds']:.1f}",
                 ]
             )
@@ -345,6 +386,7 @@ def render(cases: list[dict[str, Any]]) -> str:
             "peak RssAnon above imports",
             "loaded 4-bit model",
             "largest tensor (16-bit)",
+            "4-bit layers + expert tensors",
             "s",
         ],
         rows,

@@ -96,6 +96,47 @@ class FakeCudaGenerators:
         return torch.rand(n, generator=self.generators[self.current])
 
 
+TINY = dict(
+    vocab_size=64,
+    hidden_size=64,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    max_position_embeddings=64,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+"""Sizes every family's tiny config starts from: hidden 64, one block, a 64-token vocabulary.
+
+Every linear layer's input is a multiple of 64 values: bitsandbytes 0.50.2's CPU ``dequantize_4bit``
+kernel scales rows shorter than a 64-value block wrongly (``backends/cpu/ops.py``), which real
+models never have."""
+MOE = dict(
+    num_local_experts=4,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=64,
+    shared_expert_intermediate_size=64,
+)
+"""The mixture-of-experts sizes (each family reads the names it knows): 4 experts, 2 per token."""
+MOE_FAMILIES = ("mixtral", "qwen3_moe", "olmoe", "granitemoe", "qwen2_moe")
+SMALL_HEADS = ("gemma", "gemma2", "gemma3_text", "qwen3")
+"""Families whose default head_dim (256, 128) is set to 32 in the tiny config."""
+
+
+def tiny_config(model_type: str, **overrides: Any) -> Any:
+    """A tiny transformers config of any causal-LM family (``model_type`` as in ``config.json``)."""
+    from transformers import AutoConfig
+
+    settings: dict[str, Any] = dict(TINY, **(MOE if model_type in MOE_FAMILIES else {}))
+    if model_type in SMALL_HEADS:
+        settings["head_dim"] = 32
+    settings.update(overrides)
+    return AutoConfig.for_model(model_type, **settings)
+
+
 class HostMemory(ManagedMemory):
     """Managed memory stood in for by host tensors marked paged, counting what is asked of it.
 

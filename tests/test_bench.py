@@ -103,10 +103,10 @@ def test_vs_transformers_trainer_quick(quick_runs):
     assert "Loss curves" in markdown
 
 
-def test_load_memory_quick_streams_a_sharded_model_within_the_host_memory_bound(quick_runs):
+def test_load_memory_quick_streams_a_sharded_model_and_a_mixtral_within_the_host_memory_bound(quick_runs):
     report, markdown = finished(quick_runs, "load_memory")
     check_machine(report)
-    (case,) = report["cases"]
+    case, moe = report["cases"]
     assert case["shards"] > 5  # several shards: the loader walks the index
     ours = case["runs"]["streaming"]
     assert ours["quantized_layers"] == case["runs"]["load_then_convert"]["quantized_layers"] > 0
@@ -118,6 +118,17 @@ def test_load_memory_quick_streams_a_sharded_model_within_the_host_memory_bound(
     assert from_bin["quantized_layers"] == ours["quantized_layers"]
     assert from_bin["directory"].endswith("-bin") and 0 < from_bin["peak_above_baseline_bytes"] <= bound
     assert "bin_over_safetensors" in case["goals"]
+    # a Mixtral: every expert quantized as it is read, where transformers keeps the experts in 16 bits
+    ours, theirs = moe["runs"]["streaming"], moe["runs"]["transformers_4bit"]
+    assert moe["role"] == "moe" and ours["expert_tensors_4bit"] > 0 == theirs["expert_tensors_4bit"]
+    assert ours["quantized_layers"] == theirs["quantized_layers"] > 0
+    assert ours["loaded_model_bytes"] < 0.5 * theirs["loaded_model_bytes"]
+    assert (
+        0
+        < ours["peak_above_baseline_bytes"]
+        <= 1.5 * (ours["loaded_model_bytes"] + ours["largest_tensor_16bit_bytes"])
+    )
+    assert ours["peak_above_baseline_bytes"] < theirs["peak_above_baseline_bytes"]
 
 
 def test_memory_truth_quick(quick_runs):

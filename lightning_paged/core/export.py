@@ -188,9 +188,21 @@ def merge_adapter(
         )
     if adapter.config.get("rank_pattern") or adapter.config.get("alpha_pattern"):
         raise ExportError("merging an adapter with per-layer rank_pattern/alpha_pattern is not supported")
+    if adapter.config.get("target_parameters"):
+        raise ExportError(
+            "merging LoRA on fused expert weights (lora_on_experts, PEFT's target_parameters "
+            f"{adapter.config['target_parameters']}) is not supported here: the checkpoint stores experts per "
+            "expert. Export the adapter and merge it with PEFT's merge_and_unload() on the 16-bit model"
+        )
     base = Path(base_dir)
     with contextlib.ExitStack() as stack:
         entries, dequantized = _base_entries(base, stack)
+        if dequantized is not None and adapter.config.get("fan_in_fan_out"):
+            raise ExportError(
+                f"{base} is a pre-quantized 4-bit base and the adapter is on transformers' Conv1D layers "
+                "(fan_in_fan_out, GPT-2 style), whose 4-bit weights are stored transposed: merging onto them is "
+                "not supported. Merge onto the 16-bit model the 4-bit base was quantized from"
+            )
         targets = {f"{module}.weight": pair for module, pair in adapter.pairs().items()}
         missing = sorted(set(targets) - {e.name for e in entries})
         if missing:
@@ -210,7 +222,15 @@ def merge_adapter(
         total = sum(e.nbytes for e in entries)
         with progress_bar("merging", total, progress) as advance, _TensorReader() as reader:
             for group, name in zip(groups, names):
-                _write_safetensors(out / name, group, reader, targets, adapter.scale, advance)
+                _write_safetensors(
+                    out / name,
+                    group,
+                    reader,
+                    targets,
+                    adapter.scale,
+                    advance,
+                    bool(adapter.config.get("fan_in_fan_out")),
+                )
     if count > 1:
         weight_map = {e.name: name for group, name in zip(groups, names) for e in group}
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -296,6 +316,7 @@ def _write_safetensors(
     targets: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
     scale: float,
     advance: Callable[[int], None],
+    fan_in_fan_out: bool = False,
 ) -> None:
     """A safetensors file written tensor by tensor: the header is known from the input headers."""
     header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
@@ -315,7 +336,7 @@ def _write_safetensors(
         for entry in entries:
             tensor = reader.get(entry)
             if entry.name in targets:
-                tensor = _merged(tensor, *targets[entry.name], scale)
+                tensor = _merged(tensor, *targets[entry.name], scale, fan_in_fan_out)
             data = tensor.contiguous().reshape(-1).view(torch.uint8)
             if data.numel() != entry.nbytes:
                 raise ExportError(
@@ -325,8 +346,20 @@ def _write_safetensors(
             advance(entry.nbytes)
 
 
-def _merged(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> torch.Tensor:
-    """``W + scale * (B @ A)`` in float32, stored in ``W``'s dtype; in row blocks to bound temporaries."""
+def _merged(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    fan_in_fan_out: bool = False,
+) -> torch.Tensor:
+    """``W + scale * (B @ A)`` in float32, stored in ``W``'s dtype; in row blocks to bound temporaries.
+
+    With ``fan_in_fan_out`` (GPT-2's ``Conv1D``, whose weight is stored ``in x out``) the update is
+    added transposed, as PEFT merges it.
+    """
+    if fan_in_fan_out and weight.ndim == 2:
+        return _merged(weight.t(), lora_a, lora_b, scale).t().contiguous()
     if (lora_b.shape[0], lora_a.shape[1]) != tuple(weight.shape):
         shape = (lora_b.shape[0], lora_a.shape[1])
         raise ExportError(f"adapter shape {shape} does not fit base weight {tuple(weight.shape)}")

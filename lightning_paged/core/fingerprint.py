@@ -174,8 +174,12 @@ def describe_differences(
             f"another base model (in the checkpoint: {saved.base.describe()}; {now}: {current.base.describe()}"
             f"{_base_hint(saved.base, current.base)})"
         )
+    defaults = settings_of(
+        QLoRAConfig()
+    )  # a setting added after a checkpoint was written had its default then
     for name in sorted(set(saved.settings) | set(current.settings)):
-        before, after = saved.settings.get(name), current.settings.get(name)
+        before = saved.settings.get(name, defaults.get(name))
+        after = current.settings.get(name, defaults.get(name))
         if before != after:
             differences.append(f"another {where}{name} ({before!r} in the checkpoint, {after!r} {now})")
     return differences

@@ -30,8 +30,10 @@ from torch import nn
 
 from lightning_paged.core.compat.peft import mark_loaded_in_4bit, unmark_loaded_in_4bit
 from lightning_paged.core.compat.torch import own_buffers
+from lightning_paged.core.conv1d import is_conv1d
 from lightning_paged.core.deferred import deferred_directory, mark_deferred
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.experts4bit import find_experts
 from lightning_paged.core.fsdp import ShardReport, find_blocks, local_tensor
 from lightning_paged.core.layers4bit import (
     linear4bit_layers,
@@ -45,8 +47,8 @@ from lightning_paged.core.loading.stream import (
     LoadReport,
     _layer,
     _place_unquantized,
-    _trim_host_heap,
     plan_load,
+    trim_host_heap,
 )
 from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
 from lightning_paged.core.qlora import ConversionReport
@@ -82,6 +84,7 @@ def convert_and_shard(
     blocks = find_blocks(model, block_class)
     kind = type(blocks[0]).__name__  # before fully_shard gives it an FSDP subclass
     linear_names, quantized, targets = select_layers(model, config)
+    _refuse_experts(model, config)
     named = list(model.named_modules())  # the original modules, by the names the files use
     prefixes = [next(n for n, m in named if m is block) for block in blocks]
     originals: dict[str, Any] = {name: model.get_submodule(name) for name in quantized}
@@ -89,7 +92,12 @@ def convert_and_shard(
         params=sum(p.numel() for p in model.parameters()),
         replaced_16bit=sum(linear.weight.numel() * 2 for linear in originals.values()),
     )
-    lora = lora_config(config, targets, linear_names)
+    lora = lora_config(
+        config,
+        targets,
+        [n for n, _ in named],
+        conv1d=any(is_conv1d(model.get_submodule(n)) for n in targets),
+    )
     source_of = _DirectorySource if deferred_directory(model) is not None else _TensorSource
     with source_of.open(model, config, device) as source:  # a directory's files are checked here
         for param in model.parameters():
@@ -134,6 +142,20 @@ def convert_and_shard(
         quant_state_bytes=totals.quantized - totals.packed,
     )
     return report, shard
+
+
+def _refuse_experts(model: nn.Module, config: QLoRAConfig) -> None:
+    """Refuse, before anything is read, experts this block-by-block load would leave as the settings do not say."""
+    experts = find_experts(model)
+    if experts and (config.quantize_experts or config.lora_on_experts):
+        setting = "quantize_experts" if config.quantize_experts else "lora_on_experts"
+        raise SettingError(
+            setting,
+            True,
+            f"is not supported by the sharded (FSDP) load yet: {next(iter(experts))} holds fused mixture-of-experts "
+            f"weights. Set {setting} to false (the experts stay in 16 bits, sharded like the other weights) or "
+            "train on one device or with DDP",
+        )
 
 
 def _adapt(module: nn.Module, lora: Any, targets: list[str], device: torch.device) -> None:
@@ -212,7 +234,6 @@ class _TensorSource:
                     buffers[name] = buffer.to(self.device)
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
-        assert isinstance(linear, nn.Linear)
         return quantize_linear(linear, self.config, self.device)
 
     def trim(self) -> None:
@@ -261,8 +282,7 @@ class _DirectorySource:
         place_non_quantized(self.model, self.config, self.device, modules=[m for _, m in plain])
 
     def layer(self, name: str, linear: nn.Module) -> nn.Module:
-        assert isinstance(linear, nn.Linear)
-        return _layer(name, linear, self.files, self.plan, self.config, self.device, self.read)
+        return _layer(self.model, name, linear, self.files, self.plan, self.config, self.device, self.read)
 
     def trim(self) -> None:
         _trim_if_host(self.device)
@@ -274,9 +294,10 @@ class _DirectorySource:
             files=len(self.files.files),
             tensors_read=self.read[0],
             prequantized=self.plan.prequantized is not None,
+            stored_layers=len(self.plan.packed),
         )
 
 
 def _trim_if_host(device: torch.device) -> None:
     if device.type == "cpu":
-        _trim_host_heap()
+        trim_host_heap()

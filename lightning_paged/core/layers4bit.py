@@ -1,7 +1,7 @@
-"""The bitsandbytes side of the conversion: one ``nn.Linear`` to a frozen ``Linear4bit``, and back to training.
+"""The bitsandbytes side of the conversion: one linear layer to a frozen ``Linear4bit``, and back to training.
 
 The second floor of the conversion, on the settings of :mod:`~lightning_paged.core.qlora_config`:
-quantizing a layer on its target device, the dtypes of everything that stays in floating point,
+quantizing a layer (``nn.Linear`` or transformers' ``Conv1D``) on its target device, the dtypes of everything that stays in floating point,
 activation checkpointing, and undoing bitsandbytes' CPU inference repacking.
 """
 
@@ -14,6 +14,8 @@ import torch
 from torch import nn
 
 from lightning_paged.core.compat.bitsandbytes import undo_cpu_packing
+from lightning_paged.core.conv1d import as_linear_weight, linear_features
+from lightning_paged.core.experts4bit import ExpertWeights4bit
 from lightning_paged.core.qlora_config import DTYPES, STORAGE_DTYPES, QLoRAConfig
 
 
@@ -46,23 +48,28 @@ def quantize_weight(
 
 
 def quantize_linear(
-    linear: nn.Linear, config: QLoRAConfig, device: torch.device, weight: torch.Tensor | None = None
+    linear: Any, config: QLoRAConfig, device: torch.device, weight: torch.Tensor | None = None
 ) -> nn.Module:
-    """The ``Linear4bit`` for ``linear``, quantized on ``device`` from ``weight`` (default: its own)."""
-    source = linear.weight.data if weight is None else weight
+    """The ``Linear4bit`` for ``linear``, quantized on ``device`` from ``weight`` (default: its own).
+
+    ``linear`` is an ``nn.Linear`` or a ``Conv1D``, whose weight (stored ``in x out``) is transposed
+    first, as transformers' 4-bit load does.
+    """
+    source = as_linear_weight(linear, linear.weight.data if weight is None else weight)
     return linear4bit(linear, config, device, lambda new: quantize_weight(source, config, device, module=new))
 
 
 def linear4bit(
-    linear: nn.Linear, config: QLoRAConfig, device: torch.device, weight: Callable[[Any], nn.Parameter]
+    linear: Any, config: QLoRAConfig, device: torch.device, weight: Callable[[Any], nn.Parameter]
 ) -> nn.Module:
     """A ``Linear4bit`` in place of ``linear`` whose 4-bit weight ``weight(new_layer)`` makes on ``device``."""
     import bitsandbytes as bnb
 
     compute_dtype = DTYPES[config.compute_dtype]
+    in_features, out_features = linear_features(linear)
     new = bnb.nn.Linear4bit(
-        linear.in_features,
-        linear.out_features,
+        in_features,
+        out_features,
         bias=linear.bias is not None,
         compute_dtype=compute_dtype,
         compress_statistics=config.double_quant,
@@ -126,7 +133,7 @@ def place_non_quantized(
     import bitsandbytes as bnb
 
     for module in model.modules() if modules is None else modules:
-        if isinstance(module, bnb.nn.Linear4bit):
+        if isinstance(module, (bnb.nn.Linear4bit, ExpertWeights4bit)):
             continue
         dtype = non_quantized_dtype(module, config)
         for param in module.parameters(recurse=False):

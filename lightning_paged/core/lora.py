@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from lightning_paged.core.compat.peft import mark_loaded_in_4bit
+from lightning_paged.core.experts4bit import adapt_experts
 from lightning_paged.core.layers4bit import enable_checkpointing
 from lightning_paged.core.qlora_config import QLoRAConfig
 from lightning_paged.core.selection import peft_target_spec
@@ -25,34 +26,48 @@ def add_adapters(
     model: nn.Module,
     config: QLoRAConfig,
     targets: Sequence[str],
-    linear_names: Sequence[str],
     device: torch.device,
-) -> None:
+    *,
+    conv1d: bool = False,
+) -> list[str]:
     """Freeze everything, add PEFT LoRA adapters to ``targets`` (4-bit layers), adapters in float32 on ``device``.
 
-    Then activation checkpointing, when the settings ask for it.
+    With ``lora_on_experts``, the fused expert weights get their LoRA pairs too, in PEFT's layout
+    (:mod:`~lightning_paged.core.experts_lora`); returns their PEFT ``target_parameters``. ``conv1d``:
+    some targets were ``Conv1D`` layers. Then activation checkpointing, when the settings ask for it.
     """
     for param in model.parameters():
         param.requires_grad_(False)
-    lora = lora_config(config, targets, linear_names)
+    lora = lora_config(config, targets, [n for n, _ in model.named_modules()], conv1d=conv1d)
     inject_lora(model, lora, device)
+    adapted_experts = adapt_experts(model, config, device) if config.lora_on_experts else []
+    if adapted_experts:  # recorded for the exported adapter, after PEFT's injection left the experts alone
+        lora.target_parameters = adapted_experts
     model.peft_config = {"default": lora}  # type: ignore[assignment]
     if config.gradient_checkpointing:
         checkpointing(model)
+    return adapted_experts
 
 
-def lora_config(config: QLoRAConfig, targets: Sequence[str], linear_names: Sequence[str]) -> Any:
-    """PEFT's ``LoraConfig`` for ``targets`` (what an exported adapter's ``adapter_config.json`` says)."""
+def lora_config(
+    config: QLoRAConfig, targets: Sequence[str], module_names: Sequence[str], *, conv1d: bool = False
+) -> Any:
+    """PEFT's ``LoraConfig`` for ``targets`` among ``module_names`` (what an exported ``adapter_config.json`` says).
+
+    ``conv1d``: the targets are transformers' ``Conv1D`` layers, whose 16-bit weights PEFT adapts
+    with ``fan_in_fan_out`` (its 4-bit LoRA layer, used here, ignores it).
+    """
     from peft import LoraConfig
 
     return LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=peft_target_spec(targets, linear_names),
+        target_modules=peft_target_spec(targets, module_names),
         use_rslora=config.use_rslora,
         use_dora=config.use_dora,
         bias="none",
+        fan_in_fan_out=conv1d,
     )
 
 

@@ -64,6 +64,10 @@ class QLoRAConfig:
     """Non-reentrant activation checkpointing on models that support it (transformers models)."""
     upcast_non_quantized: bool = field(default=False, metadata=FINGERPRINT)
     """Cast every non-quantized weight to float32 (PEFT's ``prepare_model_for_kbit_training`` default). Costs memory."""
+    quantize_experts: bool = field(default=True, metadata=FINGERPRINT)
+    """Quantize the fused expert weights of mixture-of-experts models too, each expert on its own (off: 16 bits)."""
+    lora_on_experts: bool = field(default=False, metadata=FINGERPRINT)
+    """LoRA on the fused expert weights as well, one pair per expert (PEFT's ``target_parameters``); needs ``lora_dropout: 0``."""
 
     def validate(self) -> None:
         """Raise :class:`SettingError` naming the first bad setting."""
@@ -87,6 +91,14 @@ class QLoRAConfig:
             )
         if isinstance(self.target_modules, list) and not self.target_modules:
             raise SettingError("target_modules", self.target_modules, "must not be empty")
+        if self.lora_on_experts and (self.lora_dropout or self.use_dora):
+            setting, value = ("lora_dropout", self.lora_dropout) if self.lora_dropout else ("use_dora", True)
+            raise SettingError(
+                setting,
+                value,
+                "cannot be used with lora_on_experts: LoRA on fused expert weights (PEFT's target_parameters) has "
+                "no dropout and no DoRA. Set lora_dropout to 0 and use_dora to false, or lora_on_experts to false",
+            )
 
 
 QLORA_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig))

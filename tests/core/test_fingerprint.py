@@ -10,11 +10,14 @@ from conftest import tiny_checkpoint_config
 from transformers import LlamaForCausalLM
 
 from lightning_paged.core.fingerprint import (
+    BaseFingerprint,
     Fingerprint,
     default_cache_file,
     describe_differences,
     files_fingerprint,
+    settings_of,
 )
+from lightning_paged.core.qlora import QLoRAConfig
 
 pytestmark = pytest.mark.usefixtures("private_hash_cache")
 tiny_config = tiny_checkpoint_config
@@ -53,3 +56,13 @@ def test_base_directory_fingerprint_names_the_files_that_differ_and_is_cached(tm
     os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))
     assert files_fingerprint(tmp_path / "a").files[shards[0]] != saved.files[shards[0]]
     assert default_cache_file().is_file()
+
+
+def test_a_setting_added_after_a_checkpoint_was_written_counts_as_its_default():
+    base = BaseFingerprint(kind="tensors", sha256="0" * 64, source="x")
+    now = settings_of(QLoRAConfig())
+    older = {k: v for k, v in now.items() if k not in ("quantize_experts", "lora_on_experts")}
+    assert describe_differences(Fingerprint(base, older), Fingerprint(base, now)) == []
+    changed = settings_of(QLoRAConfig(quantize_experts=False))
+    (difference,) = describe_differences(Fingerprint(base, older), Fingerprint(base, changed))
+    assert difference == "another quantize_experts (True in the checkpoint, False now)"

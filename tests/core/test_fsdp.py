@@ -75,3 +75,26 @@ def test_float16_mixed_precision_is_refused_by_name_in_one_line():
         message.startswith("trainer.precision cannot be used with paged_qlora_fsdp") and "\n" not in message
     )
     assert "'bf16-mixed'" in message
+
+
+def test_the_sharded_load_refuses_fused_experts_it_would_leave_unquantized_before_changing_anything():
+    from transformers import AutoModelForCausalLM
+
+    from lightning_paged import QLoRAConfig
+    from lightning_paged.core.fsdp_load import convert_and_shard
+    from lightning_paged.testing import tiny_config
+
+    model = AutoModelForCausalLM.from_config(tiny_config("mixtral"))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    settings = QLoRAConfig(quant_storage="bfloat16", lora_dropout=0.0)
+    with pytest.raises(
+        SettingError, match=r"^quantize_experts is not supported by the sharded \(FSDP\) load"
+    ):
+        convert_and_shard(model, settings, torch.device("cpu"), mesh=None)
+    settings.quantize_experts, settings.lora_on_experts = False, True
+    with pytest.raises(
+        SettingError, match=r"^lora_on_experts is not supported by the sharded.*Set lora_on_experts"
+    ):
+        convert_and_shard(model, settings, torch.device("cpu"), mesh=None)
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)

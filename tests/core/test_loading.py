@@ -370,3 +370,64 @@ def test_fabric_and_accelerate_fill_an_empty_model_from_its_files(saved):
         got = model.state_dict()
         assert got.keys() == want.keys()
         assert all(torch.equal(got[k], want[k]) for k in want if "lora_" not in k)  # same 4-bit base
+
+
+# --- mixture of experts through the Lightning strategy ----------------------------------------------
+
+
+def test_strategy_streams_a_mixtral_directory_with_4bit_experts_and_resumes_their_adapters(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lightning_paged.testing import tiny_config
+
+    directory = tmp_path / "mixtral"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(tiny_config("mixtral", vocab_size=VOCAB)).to(
+        torch.bfloat16
+    ).save_pretrained(directory)
+
+    def fit(max_steps: int, ckpt_path: Path | None = None):
+        module = CausalLMModule(model_name_or_path=str(directory))
+        strategy = PagedQLoRAStrategy(lora_dropout=0.0, lora_on_experts=True)
+        trainer = quiet_trainer(strategy=strategy, max_steps=max_steps)
+        trainer.fit(module, DataLoader(_batches(), batch_size=2), ckpt_path=ckpt_path)
+        return trainer, module, strategy
+
+    trainer, module, strategy = fit(1)
+    report = strategy.conversion_report
+    assert report is not None
+    assert report.expert_tensors == [
+        "model.layers.0.mlp.experts.gate_up_proj",
+        "model.layers.0.mlp.experts.down_proj",
+    ]
+    assert (
+        "expert parameters in 4-bit" in report.summary() and "LoRA on experts.down_proj" in report.summary()
+    )
+    assert (
+        strategy.fingerprint.base.kind == "files" and strategy.fingerprint.settings["lora_on_experts"] is True
+    )
+    trainer.save_checkpoint(tmp_path / "step1.ckpt")
+    saved = torch.load(tmp_path / "step1.ckpt", weights_only=False)["state_dict"]
+    assert any(".experts.lora_B.default." in k for k in saved) and not any(
+        ".experts.gate_up_proj" in k for k in saved
+    )
+    trained = {k: v for k, v in module.state_dict().items() if ".experts.lora_" in k}
+
+    resumed_trainer, resumed, _ = fit(2, tmp_path / "step1.ckpt")
+    assert resumed_trainer.global_step == 2
+    moved = {k: v for k, v in resumed.state_dict().items() if ".experts.lora_B" in k}
+    assert moved and all(not torch.equal(v, trained[k]) for k, v in moved.items())
+
+
+def test_a_model_transformers_cannot_build_as_a_causal_lm_is_refused_by_name(tmp_path):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    config = T5Config(vocab_size=64, d_model=32, d_ff=64, num_layers=1, num_heads=2, d_kv=16)
+    T5ForConditionalGeneration(config).save_pretrained(tmp_path / "t5")
+    with pytest.raises(
+        WeightLoadError,
+        match=r"is a 't5' model \(T5Config\), which transformers does not build as a causal .*llama",
+    ):
+        empty_model(tmp_path / "t5")
+    with pytest.raises(SettingError, match=r"^model_name_or_path cannot be loaded: .*'t5' model"):
+        CausalLMModule(model_name_or_path=str(tmp_path / "t5"))

@@ -302,6 +302,10 @@ def test_restore_training_layout_undoes_cpu_repacking():
         ({"compute_dtype": "fp8"}, "trainer.strategy.init_args.compute_dtype must be one of"),
         ({"lora_r": 0}, "trainer.strategy.init_args.lora_r must be a positive integer"),
         ({"target_modules": "all"}, "target_modules must be 'all-linear' or a list"),
+        (
+            {"lora_on_experts": True},
+            r"^trainer.strategy.init_args.lora_dropout cannot be used with lora_on_experts",
+        ),
     ],
 )
 def test_bad_settings_name_the_setting(kwargs, message):
@@ -328,7 +332,7 @@ def test_model_without_linear_layers_is_refused():
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
     t = trainer(strategy=PagedQLoRAStrategy(), max_steps=1)
-    with pytest.raises(SettingError, match="has no nn.Linear layers"):
+    with pytest.raises(SettingError, match=r"has no linear layers \(nn.Linear or transformers' Conv1D\)"):
         t.fit(NoLinear(), train_dataloaders=DataLoader([torch.randn(1, 2, 3)], batch_size=None))
 
 
@@ -371,10 +375,18 @@ def test_strategies_take_every_qlora_setting_by_name_and_refuse_an_unknown_one()
         use_dora=True,
         gradient_checkpointing=False,
         upcast_non_quantized=True,
+        quantize_experts=False,
     )
-    assert wanted != QLoRAConfig() and all(v != getattr(QLoRAConfig(), k) for k, v in asdict(wanted).items())
+    # LoRA on the experts allows neither dropout nor DoRA: its non-default value goes in a second config
+    experts = QLoRAConfig(lora_dropout=0.0, lora_on_experts=True, quant_storage="bfloat16")
+    defaults = QLoRAConfig()
+    assert wanted != defaults and all(
+        v != getattr(defaults, k) for k, v in asdict(wanted).items() if k != "lora_on_experts"
+    )
+    assert experts.lora_on_experts != defaults.lora_on_experts
     for cls in (PagedQLoRAStrategy, PagedQLoRADDPStrategy, PagedQLoRAFSDPStrategy):
         assert cls(**asdict(wanted)).qlora == wanted, cls
+        assert cls(**asdict(experts)).qlora == experts, cls
         with pytest.raises(SettingError, match=r"^trainer\.strategy\.init_args\.lora_rank is not a setting"):
             cls(lora_rank=8)
 

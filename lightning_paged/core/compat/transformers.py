@@ -32,3 +32,22 @@ def attn_implementation(model: Any) -> str | None:
     """
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
+
+
+def apply_expert_gate(experts: Any, gate_up: Any) -> Any:
+    """An experts module's gate on its fused gate-and-up projection (``_apply_gate``).
+
+    ``use_experts_implementation`` gives every experts class ``_default_apply_gate`` (the activation on
+    one half times the other half) unless the class brings its own, as GPT-OSS does; every built-in
+    expert loop calls it (``integrations/moe.py``, ``_default_apply_gate`` and ``use_experts_implementation``).
+    """
+    return experts._apply_gate(gate_up)
+
+
+def is_expert_parallel(experts: Any) -> bool:
+    """Whether an experts module is split across ranks (``_is_expert_parallel``, set by tensor-parallel plans).
+
+    ``use_experts_implementation`` sets it to False in ``__init__`` (``integrations/moe.py``); such a
+    module holds only this rank's experts.
+    """
+    return bool(getattr(experts, "_is_expert_parallel", False))

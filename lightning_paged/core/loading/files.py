@@ -164,6 +164,14 @@ class WeightFiles:
         except Exception as err:
             raise WeightLoadError(f"{entry.file}: tensor {key} cannot be read ({err})") from None
 
+    def read_slice(self, key: str, index: int) -> torch.Tensor:
+        """``tensor[index]`` of the tensor ``key`` (one expert of a stacked tensor), reading only that part."""
+        entry = self.entries[key]
+        try:
+            return self._handles[entry.file].get_row(key, index)
+        except Exception as err:
+            raise WeightLoadError(f"{entry.file}: tensor {key}[{index}] cannot be read ({err})") from None
+
     def where(self, key: str) -> str:
         """``<file name>: tensor <key>``, for messages."""
         entry = self.entries.get(key)
@@ -189,6 +197,9 @@ class _Safetensors:
     def get_tensor(self, key: str) -> torch.Tensor:
         return self.handle.get_tensor(key)
 
+    def get_row(self, key: str, index: int) -> torch.Tensor:
+        return self.handle.get_slice(key)[index]
+
 
 def _open_safetensors(path: Path) -> _Safetensors:
     from safetensors import safe_open
@@ -212,6 +223,9 @@ class _PickledTensors:
 
     def get_tensor(self, key: str) -> torch.Tensor:
         return self.tensors[key]
+
+    def get_row(self, key: str, index: int) -> torch.Tensor:
+        return self.tensors[key][index]  # still mapped, as get_tensor's
 
 
 def _open_bin(path: Path) -> _PickledTensors:

@@ -98,11 +98,6 @@ def read_prequantized(quant: dict[str, Any], config_file: Path, files: WeightFil
         head, sep, kind = key.rpartition(".weight." + BLOB_PREFIX)
         if sep and kind in ("nf4", "fp4"):
             layers[head] = key
-    if not layers:
-        raise WeightLoadError(
-            f"{config_file} says the weights are bitsandbytes 4-bit, but no file holds a 4-bit layer "
-            f"(<layer>.weight.{BLOB_PREFIX}nf4); the directory is damaged: save it again"
-        )
     return Prequantized(
         config_file=config_file,
         quant_type=str(quant.get("bnb_4bit_quant_type", "fp4")),
@@ -113,13 +108,24 @@ def read_prequantized(quant: dict[str, Any], config_file: Path, files: WeightFil
     )
 
 
+def transformers_quantizes(module: nn.Module) -> bool:
+    """Whether transformers' 4-bit load replaces this layer (``replace_with_bnb_linear``: exactly ``nn.Linear``, or ``Conv1D``).
+
+    Subclasses such as Falcon's ``FalconLinear`` stay in 16 bits in its pre-quantized directories;
+    they are quantized while loading here.
+    """
+    from lightning_paged.core.conv1d import is_conv1d
+
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
 def check_settings(
     pre: Prequantized, config: QLoRAConfig, quantized: Sequence[str], stored: Sequence[str]
 ) -> None:
     """Refuse settings that contradict how the directory was quantized, naming both values.
 
-    ``quantized`` are the layers ``config`` would quantize, ``stored`` the layers the files hold in
-    4-bit (both by model name). ``compute_dtype`` may differ: it only sets the dtype the 4-bit
+    ``quantized`` are the layers ``config`` would quantize that transformers' 4-bit load quantizes too,
+    ``stored`` the layers the files hold in 4-bit (both by model name). ``compute_dtype`` may differ: it only sets the dtype the 4-bit
     weights are dequantized into, and the strategy's value is used.
     """
     source = f"{pre.config_file}'s quantization_config"
@@ -137,6 +143,12 @@ def check_settings(
             )
     ours_only = [n for n in quantized if n not in set(stored)]
     theirs_only = [n for n in stored if n not in set(quantized)]
+    if ours_only and not stored:
+        raise WeightLoadError(
+            f"{pre.config_file} says the weights are bitsandbytes 4-bit, but no file holds a 4-bit layer "
+            f"(<layer>.weight.{BLOB_PREFIX}nf4, expected for {listing(ours_only)}); the directory is damaged: "
+            "save it again"
+        )
     if ours_only or theirs_only:
         parts = []
         if ours_only:
@@ -167,7 +179,7 @@ def stored_shape(pre: Prequantized, files: WeightFiles, file_layer: str) -> tupl
 
 
 def layer_from_files(
-    linear: nn.Linear,
+    linear: nn.Module,
     pre: Prequantized,
     files: WeightFiles,
     file_layer: str,

@@ -17,7 +17,7 @@ from torch import nn
 
 from lightning_paged.core.compat.torch import own_parameters
 from lightning_paged.core.deferred import DeferredWeights, mark_deferred
-from lightning_paged.core.loading.files import WeightFiles
+from lightning_paged.core.loading.files import WeightFiles, WeightLoadError
 from lightning_paged.core.loading.prequantized import check_supported_quantization
 from lightning_paged.core.loading.stream import load_and_convert
 
@@ -51,6 +51,28 @@ def checkpoint_dtype(config: Any) -> torch.dtype:
     return value if isinstance(value, torch.dtype) else torch.float32
 
 
+def check_causal_lm(config: Any, directory: Path) -> None:
+    """Refuse, by name, a model type transformers cannot build as a causal language model."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING,
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    )
+
+    if type(config) in MODEL_FOR_CAUSAL_LM_MAPPING:
+        return
+    examples = [
+        t
+        for t in ("llama", "mistral", "qwen3", "gemma3_text", "gpt2", "mixtral", "qwen3_moe")
+        if t in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    ]
+    raise WeightLoadError(
+        f"{directory / 'config.json'} is a {getattr(config, 'model_type', '?')!r} model ({type(config).__name__}), "
+        f"which transformers does not build as a causal language model (AutoModelForCausalLM); supported are the "
+        f"{len(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)} model types AutoModelForCausalLM knows, such as "
+        f"{', '.join(examples)}. Give the directory of a decoder-only language model"
+    )
+
+
 def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The causal LM of a local model directory with its parameters on the meta device.
 
@@ -67,6 +89,7 @@ def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     with WeightFiles(directory):  # every file's header read once: a missing or truncated file fails here
         pass
     config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    check_causal_lm(config, directory)
     if hasattr(config, "quantization_config"):  # packed weights are read as they are, at conversion
         del config.quantization_config
     with parameters_on_meta():

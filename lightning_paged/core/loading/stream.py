@@ -20,9 +20,13 @@ from torch import nn
 
 from lightning_paged.core.compat.torch import own_buffers, own_parameters
 from lightning_paged.core.compat.transformers import keys_to_ignore_on_load
+from lightning_paged.core.conv1d import linear_weight_shape
 from lightning_paged.core.deferred import mark_deferred
+from lightning_paged.core.experts4bit import check_experts, expert_parameters, find_experts
 from lightning_paged.core.layers4bit import non_quantized_dtype, quantize_linear, set_submodule
-from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, file_key_for, ignored, listing
+from lightning_paged.core.loading.expert_stash import ExpertStash
+from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, ignored, listing
+from lightning_paged.core.loading.keys import Source, map_keys
 from lightning_paged.core.loading.prequantized import (
     Prequantized,
     check_settings,
@@ -30,10 +34,11 @@ from lightning_paged.core.loading.prequantized import (
     read_prequantized,
     read_quantization_config,
     stored_shape,
+    transformers_quantizes,
 )
 from lightning_paged.core.qlora import ConversionReport, convert_to_qlora
 from lightning_paged.core.qlora_config import QLoRAConfig
-from lightning_paged.core.selection import matches
+from lightning_paged.core.selection import linear_layer_names, matches
 
 
 @dataclass
@@ -44,9 +49,16 @@ class LoadReport(ConversionReport):
     files: int = 0
     tensors_read: int = 0
     prequantized: bool = False
+    stored_layers: int = 0
+    """Layers of a pre-quantized directory loaded as stored (the others were quantized while loading)."""
 
     def summary(self) -> str:
-        kind = "pre-quantized 4-bit, loaded as stored" if self.prequantized else "quantized while loading"
+        kind = "quantized while loading"
+        if self.prequantized:
+            kind = f"pre-quantized 4-bit, {self.stored_layers} layers loaded as stored"
+            others = len(self.quantized) - self.stored_layers + len(self.expert_tensors)
+            if others:
+                kind += f", {others} weights quantized while loading"
         return (
             f"{super().summary()}; weights streamed from {self.directory} "
             f"({self.files} files, {self.tensors_read} tensors, {kind})"
@@ -57,66 +69,69 @@ class LoadReport(ConversionReport):
 class _Plan:
     """Where each of the model's tensors comes from, checked against the files' headers."""
 
-    sources: dict[str, str]
-    """Model tensor name (tied names included) to its key in the files."""
+    sources: dict[str, Source]
+    """Model tensor name (tied names included) to where it comes from in the files."""
     quantized: set[str]
     """Linear layers whose weight is quantized (or, pre-quantized, read packed)."""
+    experts: set[str]
+    """Fused expert parameters quantized per expert while they are read."""
     prequantized: Prequantized | None
-
-
-def _linear_selection(model: nn.Module, config: QLoRAConfig) -> list[str]:
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return [n for n in names if not matches(n, config.skip_modules)]
+    packed: dict[str, str]
+    """Model layer name to its file layer name, for the layers stored in 4-bit."""
 
 
 def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Plan:
-    """Match every tensor of ``model`` to the files, or raise naming what does not fit."""
-    prefix = str(getattr(model, "base_model_prefix", "") or "")
-    keys = set(files.entries)
-    quantized = _linear_selection(model, config)
+    """Match every tensor of ``model`` to the files (with transformers' key conversion), or raise naming what does not fit."""
+    check_experts(model, config)  # experts the conversion cannot handle are refused before anything is read
+    model_keys = model.state_dict(keep_vars=True)
+    layer_names = linear_layer_names(model)
+    quantized = [n for n in layer_names if not matches(n, config.skip_modules)]
     quant = read_quantization_config(files.directory)
-    pre = None
+    pre = read_prequantized(quant, files.directory / "config.json", files) if quant is not None else None
+    state_keys = {k for layer in pre.layers for k in pre.state_keys(layer)} if pre is not None else set()
+    keymap = map_keys(model, [k for k in files.entries if k not in state_keys], model_keys)
     packed: dict[str, str] = {}  # model layer name -> file layer name of a stored 4-bit layer
-    consumed: set[str] = set()
-    if quant is not None:
-        pre = read_prequantized(quant, files.directory / "config.json", files)
-        layer_names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-        for name in layer_names:
-            file_layer = file_key_for(name, set(pre.layers), prefix)
-            if file_layer is not None:
-                packed[name] = file_layer
-                consumed.update(pre.state_keys(file_layer))
-        check_settings(pre, config, quantized, list(packed))
+    unexpected = list(keymap.unexpected)
+    if pre is not None:
+        for file_layer in pre.layers:
+            name = keymap.model_key(f"{file_layer}.weight")
+            layer = name.removesuffix(".weight") if name is not None else None
+            if layer is not None and layer in layer_names:
+                packed[layer] = file_layer
+            else:
+                unexpected += [k for k in pre.state_keys(file_layer) if k in files.entries]
+        plain = [n for n in quantized if transformers_quantizes(model.get_submodule(n))]
+        check_settings(pre, config, plain, list(packed))
 
     groups: dict[int, list[str]] = {}
-    tensors: dict[int, torch.Tensor] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
+    for name, tensor in model_keys.items():
         groups.setdefault(id(tensor), []).append(name)
-        tensors[id(tensor)] = tensor
-
-    sources: dict[str, str] = {}
+    sources: dict[str, Source] = {}
     missing: list[str] = []
     bad_shapes: list[str] = []
     ignore_missing = keys_to_ignore_on_load(model, "missing")
-    for ident, names in groups.items():
-        key = next((k for k in (file_key_for(n, keys, prefix) for n in names) if k is not None), None)
-        if key is None:
+    for names in groups.values():
+        found = next((keymap.sources[n] for n in names if n in keymap.sources), None)
+        if found is None:
             if not all(ignored(n, ignore_missing) for n in names):
                 missing.append(names[0])
             continue
-        sources.update(dict.fromkeys(names, key))
-        consumed.add(key)
-        expected = tuple(tensors[ident].shape)
+        sources.update(dict.fromkeys(names, found))
+        name = next(n for n in names if n in keymap.sources)
+        expected = tuple(model_keys[name].shape)
         layer = next((n.removesuffix(".weight") for n in names if n.removesuffix(".weight") in packed), None)
-        found = (
-            stored_shape(pre, files, packed[layer]) if pre is not None and layer else files.entries[key].shape
-        )
-        if found != expected:
+        if pre is not None and layer is not None:
+            shape: tuple[int, ...] | str = stored_shape(pre, files, packed[layer])
+            expected = linear_weight_shape(model.get_submodule(layer))
+        else:
+            shape = _shape(found, files, model, name)
+        if shape != expected:
+            shown = list(shape) if isinstance(shape, tuple) else shape
             bad_shapes.append(
-                f"{files.where(key)} has shape {list(found)} where the model has {list(expected)}"
+                f"{_where(found, files)} has shape {shown} where the model has {list(expected)}"
             )
     ignore_unexpected = keys_to_ignore_on_load(model, "unexpected")
-    unexpected = [k for k in files.entries if k not in consumed and not ignored(k, ignore_unexpected)]
+    unexpected = [k for k in unexpected if not ignored(k, ignore_unexpected)]
 
     config_file = files.directory / "config.json"
     if bad_shapes:
@@ -125,21 +140,43 @@ def plan_load(model: nn.Module, files: WeightFiles, config: QLoRAConfig) -> _Pla
             f"model: {listing(bad_shapes)}. The weight files and config.json belong to different models"
         )
     if unexpected:
-        where = f"{files.where(unexpected[0])}"
         raise WeightLoadError(
             f"{files.directory}: the files hold {len(unexpected)} tensors the model built from {config_file} "
-            f"does not have: {listing(unexpected)} (first: {where}). The weight files and config.json "
-            "belong to different models"
+            f"does not have: {listing(unexpected)} (first: {files.where(unexpected[0])}; keys converted as "
+            f"transformers converts them for {type(model).__name__}). The weight files and config.json belong "
+            "to different models"
         )
     if missing:
         raise WeightLoadError(
             f"{files.directory}: {len(missing)} of the model's weights are in none of its files "
-            f"({', '.join(p.name for p in files.files)}): {listing(missing)}. The files are incomplete or "
-            "belong to another model"
+            f"({', '.join(p.name for p in files.files)}): {listing(missing)} (keys converted as transformers "
+            f"converts them for {type(model).__name__}). The files are incomplete or belong to another model"
         )
+    experts: set[str] = set()
+    if config.quantize_experts:
+        for module_name, module in find_experts(model).items():
+            experts.update(f"{module_name}.{p}" for p in expert_parameters(module))
     return _Plan(
-        sources=sources, quantized=set(packed) if pre is not None else set(quantized), prequantized=pre
+        sources=sources,
+        quantized=set(quantized) | set(packed),
+        experts=experts,
+        prequantized=pre,
+        packed=packed,
     )
+
+
+def _shape(source: Source, files: WeightFiles, model: nn.Module, name: str) -> tuple[int, ...] | str:
+    """The shape ``source`` gives model tensor ``name``, or why transformers' conversion cannot join its tensors."""
+    try:
+        return source.shapes(files, model)[name]
+    except Exception as err:  # transformers' operations raise whatever torch raises on mismatched shapes
+        return f"that cannot be joined as transformers joins them ({type(err).__name__}: {err})"
+
+
+def _where(source: Source, files: WeightFiles) -> str:
+    if source.converter is None:
+        return files.where(source.key)
+    return f"{source.target} (from {listing(source.keys)})"
 
 
 def load_and_convert(
@@ -162,16 +199,23 @@ def load_and_convert(
     with WeightFiles(directory) as files:
         plan = plan_load(model, files, config)
         swapped: list[tuple[str, nn.Module]] = []
+        experts = ExpertStash(model)
         read = [0]
 
-        def layers(name: str, linear: nn.Linear) -> nn.Module:
+        def layers(name: str, linear: nn.Module) -> nn.Module:
             swapped.append((name, linear))
-            return _layer(name, linear, files, plan, config, device, read)
+            return _layer(model, name, linear, files, plan, config, device, read)
+
+        def expert(name: str, index: int) -> torch.Tensor:
+            if device.type == "cpu":  # the previous expert's quantization scratch, back to the system
+                trim_host_heap()
+            return experts.read(plan.sources[name], files, name, index, read)
 
         try:
             read[0] += _place_unquantized(model, files, plan, config, device)
-            report = convert_to_qlora(model, config, device, layers=layers)
+            report = convert_to_qlora(model, config, device, layers=layers, experts=expert)
         except BaseException:
+            experts.restore()
             _empty_again(model, swapped, device)
             raise
     mark_deferred(model, None)
@@ -181,33 +225,35 @@ def load_and_convert(
         files=len(files.files),
         tensors_read=read[0],
         prequantized=plan.prequantized is not None,
+        stored_layers=len(plan.packed),
     )
 
 
 def _layer(
+    model: nn.Module,
     name: str,
-    linear: nn.Linear,
+    linear: Any,
     files: WeightFiles,
     plan: _Plan,
     config: QLoRAConfig,
     device: torch.device,
     read: list[int],
 ) -> nn.Module:
-    key = plan.sources[f"{name}.weight"]
-    if plan.prequantized is not None:
-        read[0] += 1
-        prefix_free = key.removesuffix(".weight")
-        return layer_from_files(linear, plan.prequantized, files, prefix_free, config, device)
-    weight = files.read(key)  # cast to compute_dtype on the host by quantize_weight
-    read[0] += 1
+    source = plan.sources[f"{name}.weight"]
+    read[0] += len(source.keys)
+    if plan.prequantized is not None and name in plan.packed:
+        return layer_from_files(linear, plan.prequantized, files, plan.packed[name], config, device)
+    weight = source.read(files, model)[
+        f"{name}.weight"
+    ]  # cast to compute_dtype on the host by quantize_weight
     layer = quantize_linear(linear, config, device, weight=weight)
     del weight
     if device.type == "cpu":  # quantizing on the host leaves freed float32 scratch in the heap
-        _trim_host_heap()
+        trim_host_heap()
     return layer
 
 
-def _trim_host_heap() -> None:
+def trim_host_heap() -> None:
     """Hand freed heap memory back to the system (glibc's ``malloc_trim``; nothing elsewhere).
 
     bitsandbytes' CPU quantization allocates float32 scratch several times a layer's size; glibc
@@ -253,21 +299,24 @@ def _place_unquantized(
         prefix = f"{module_name}." if module_name else ""
         params, buffers = own_parameters(module), own_buffers(module)
         for name, param in list(params.items()):
-            if param is None or (module_name in plan.quantized and name == "weight"):
+            skipped = module_name in plan.quantized and name == "weight"
+            if param is None or skipped or prefix + name in plan.experts:
                 continue
             if id(param) not in placed:
-                tensor = files.read(plan.sources[prefix + name])
+                source = plan.sources[prefix + name]
+                tensor = source.read(files, model)[prefix + name]
                 dtype = dtype_of(module) if tensor.is_floating_point() else tensor.dtype
                 placed[id(param)] = nn.Parameter(tensor.to(device=device, dtype=dtype), param.requires_grad)
-                count += 1
+                count += len(source.keys)
             params[name] = placed[id(param)]
         for name, buffer in list(buffers.items()):
             if buffer is None:
                 continue
-            key = plan.sources.get(prefix + name)
-            if key is not None:  # a persistent buffer, saved with the weights
-                buffers[name] = files.read(key).to(device=device, dtype=buffer.dtype)
-                count += 1
+            saved = plan.sources.get(prefix + name)
+            if saved is not None:  # a persistent buffer, saved with the weights
+                tensor = saved.read(files, model)[prefix + name]
+                buffers[name] = tensor.to(device=device, dtype=buffer.dtype)
+                count += len(saved.keys)
             else:
                 buffers[name] = buffer.to(device)
     return count
@@ -303,7 +352,7 @@ def load_unquantized(
             f"{directory} holds bitsandbytes 4-bit weights, which only a QLoRA strategy can train: "
             "use strategy paged_qlora or paged_qlora_ddp"
         )
-    config = QLoRAConfig(skip_modules=[n for n, m in model.named_modules() if isinstance(m, nn.Linear)])
+    config = QLoRAConfig(skip_modules=linear_layer_names(model), quantize_experts=False)
     with WeightFiles(directory) as files:
         plan = plan_load(model, files, config)
         _place_unquantized(model, files, plan, config, torch.device(device), lambda module: dtype)
