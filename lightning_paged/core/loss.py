@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,10 @@ DEFAULT_CHUNK_SIZE = 256
 """Positions per chunk: 256 x 128,256 float32 logits are 131 MB (TRL's chunked loss uses 256 too)."""
 
 Reduction = Literal["mean", "sum"]
+
+LossKind = Literal["chunked", "standard"]
+"""How a causal LM's loss is computed: from the head's input chunk by chunk, or from all the logits."""
+LOSS_KINDS: tuple[str, ...] = get_args(LossKind)
 
 
 @dataclass(frozen=True)
