@@ -18,7 +18,14 @@ sys.path.insert(0, str(BENCH))
 import gpu_tokens  # noqa: E402
 from common import compare_runs, fmt_bytes, markdown_table, step_times  # noqa: E402
 
-CPU_SCRIPTS = ("strategy_overhead", "vs_transformers_trainer", "memory_truth", "packing", "load_memory")
+CPU_SCRIPTS = (
+    "strategy_overhead",
+    "vs_transformers_trainer",
+    "memory_truth",
+    "packing",
+    "load_memory",
+    "long_sequence",
+)
 
 
 @pytest.fixture(scope="module")
@@ -150,6 +157,33 @@ def test_packing_quick(quick_runs):
         assert case["first_step_loss"]["abs_difference"] < 1e-5  # packed and unpacked: the same loss
         assert 0.9 < case["packed_fill_rate"] <= 1
     assert "useful tokens/s" in markdown and "Goal on long_tailed/tiny" in markdown
+
+
+def test_long_sequence_quick_stops_runs_at_the_budget_and_the_losses_agree(quick_runs):
+    report, markdown = finished(quick_runs, "long_sequence")
+    check_machine(report)
+    short, long = report["settings"]["lengths"]
+    runs, summary = report["runs"], report["summary"]
+    ours = runs["lightning_paged"]
+    assert [r["seq_len"] for r in ours] == [short, long] and all(r["fits"] for r in ours)
+    trainer = runs["transformers_trainer"]
+    assert trainer[0]["fits"] and trainer[1]["fits"] is False  # stopped at the budget, reported
+    assert trainer[1]["peak_above_baseline_bytes"] > report["settings"]["budget_bytes"]
+    assert (
+        summary["longest_fit"]["lightning_paged"] == long
+        and summary["longest_fit"]["transformers_trainer"] == short
+    )
+    # the adapters start at zero: every variant's first loss is the base model's on the same tokens
+    assert summary["first_step_loss_max_difference"] < 1e-4
+    assert len(summary["first_step_losses"][str(short)]) >= 3
+    trl = runs["trl_sft"][0]
+    if trl.get("skipped"):
+        assert "trl is not installed" in trl["skipped"]
+    else:
+        assert trl["trl_loss_type"] == report["trl_loss_type"] and report["machine"]["versions"]["trl"]
+    timing = summary["step_time_ratio_vs_standard"]
+    assert timing["cpu_median"] > 0 and len(timing["cpu_per_round"]) == report["settings"]["timing_rounds"]
+    assert "does not fit in 256.0 MiB" in markdown
 
 
 # --- the GPU script's logic, on CPU ---------------------------------------------------------------------
