@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -184,6 +185,20 @@ def test_long_sequence_quick_stops_runs_at_the_budget_and_the_losses_agree(quick
     timing = summary["step_time_ratio_vs_standard"]
     assert timing["cpu_median"] > 0 and len(timing["cpu_per_round"]) == report["settings"]["timing_rounds"]
     assert "does not fit in 256.0 MiB" in markdown
+
+
+def test_long_sequence_gpu_measurement_runs_on_cpu_and_the_variants_agree():
+    """The GPU script's measurement, on a tiny model on CPU: no memory figures, the same first loss."""
+    import long_sequence_gpu as gpu
+
+    tiny = replace(gpu.QUICK, device="cpu", vocab_size=512, hidden_size=32, intermediate_size=64, steps=2)
+    runs = {v: gpu.measure(tiny, v, 48) for v in gpu.VARIANTS}
+    assert all(r["fits"] and r["tokens_per_second"] > 0 for r in runs.values())
+    first = [r["losses"][0] for r in runs.values()]
+    assert max(first) - min(first) < 1e-5
+    assert runs["chunked+offload"]["offloaded_bytes"] == 0  # on the host nothing moves
+    assert "max_memory_reserved" not in runs["chunked"]
+    assert gpu.main(["--plan"]) == 0
 
 
 # --- the GPU script's logic, on CPU ---------------------------------------------------------------------
