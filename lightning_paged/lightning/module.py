@@ -165,6 +165,12 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @property
+    def loss_in_use(self) -> str:
+        """``"chunked"`` or ``"standard"``: how the loss is computed (a model the chunked loss falls back on: standard)."""
+        plan = self._loss_plan
+        return "chunked" if self.loss_kind == "chunked" and (plan is None or plan.chunked) else "standard"
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss over the batch's response tokens (transformers' causal-LM loss, chunked by default)."""
         inputs = model_inputs(batch, self.model)
