@@ -174,7 +174,13 @@ def head_input(model: nn.Module, head: nn.Module, inputs: Mapping[str, Any]) -> 
     return captured[0]
 
 
+_WRAPPERS = ("_FabricModule", "DistributedDataParallel", "DataParallel")
+"""Wrappers whose ``module`` is the model (Fabric's ``setup_module``, DDP as Accelerate and Fabric apply it)."""
+
+
 def _base_model(model: nn.Module) -> nn.Module:
+    while type(model).__name__ in _WRAPPERS and isinstance(getattr(model, "module", None), nn.Module):
+        model = model.module  # type: ignore[assignment]
     get_base = getattr(model, "get_base_model", None)  # a PEFT model
     base = get_base() if callable(get_base) else model
     return base if isinstance(base, nn.Module) else model
