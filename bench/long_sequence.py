@@ -20,7 +20,7 @@ memory. Sequence lengths go up from the shortest; a variant that did not fit one
 at the next. Step time at the shortest length is compared, chunked against standard, over interleaved
 rounds in fresh processes.
 
-    python bench/long_sequence.py                  # 1k-16k tokens, 6 GiB budget: about an hour on 2 cores
+    python bench/long_sequence.py                  # 1k-16k tokens, 6 GiB budget: about 75 minutes on 2 cores
     python bench/long_sequence.py --quick          # smoke test: a tiny model, 32k vocabulary, 2 lengths
 """
 

@@ -136,7 +136,7 @@ def measure(model_settings: Model, variant: str, seq_len: int, budget: int | Non
         optimizer.zero_grad(set_to_none=True)
         if on_gpu:
             torch.cuda.synchronize()
-        return float(loss)
+        return float(loss.detach())
 
     result: dict[str, Any] = {"variant": variant, "seq_len": seq_len, "budget_bytes": budget}
     ballast = None
