@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lightning_paged.core.compat.torch import has_module_hooks
 from lightning_paged.core.packing import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 256
@@ -184,7 +185,7 @@ def _plain_linear(head: nn.Module | torch.Tensor) -> tuple[torch.Tensor | None, 
     """The weight and bias of a head that is a bare linear map, else ``(None, None)``."""
     if isinstance(head, torch.Tensor):
         return head, None
-    plain = type(head) is nn.Linear and not (head._forward_hooks or head._forward_pre_hooks)
+    plain = type(head) is nn.Linear and not has_module_hooks(head)
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
     if not plain or type(weight) is not nn.Parameter:  # a DTensor shard, a 4-bit parameter
         return None, None

@@ -33,6 +33,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_paged.core.compat.torch import view_base
+from lightning_paged.core.compat.transformers import set_checkpoint_function
+
 MIN_OFFLOAD_BYTES = 1 << 20
 """Saved tensors smaller than this stay where they are: their copy costs more than their room."""
 
@@ -80,8 +83,7 @@ class ActivationOffload(torch.autograd.graph.saved_tensors_hooks):
         kind = tensor.device.type
         if (kind == HOST or kind == "meta") if self.devices is None else kind not in self.devices:
             return False
-        base = tensor._base if tensor._base is not None else tensor
-        if isinstance(base, nn.Parameter) or tensor.is_sparse:
+        if isinstance(view_base(tensor), nn.Parameter) or tensor.is_sparse:
             return False
         return tensor.numel() * tensor.element_size() >= self.min_bytes
 
@@ -132,12 +134,12 @@ def enable_activation_offload(
     """
     from torch.utils.checkpoint import checkpoint
 
-    setter = getattr(model, "_set_gradient_checkpointing", None)
-    if not callable(setter) or not is_checkpointing(model):
+    if not is_checkpointing(model):
         return None
     hooks = ActivationOffload(min_bytes=min_bytes, devices=devices)
     function = offloading(functools.partial(checkpoint, use_reentrant=False), hooks)
-    setter(enable=True, gradient_checkpointing_func=function)
+    if not set_checkpoint_function(model, function):
+        return None
     return hooks.stats
 
 
