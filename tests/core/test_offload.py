@@ -109,3 +109,25 @@ def test_any_module_under_the_hooks_keeps_its_activations_on_the_host():
     grads = torch.autograd.grad(out, list(module.parameters()))
     assert hooks.stats.restored_tensors == hooks.stats.offloaded_tensors
     assert all(torch.allclose(a, b) for a, b in zip(grads, expected))
+
+
+def test_the_block_by_block_fsdp_load_installs_the_hooks_on_its_checkpointed_layers(tmp_path):
+    """``offload_activations`` reaches the sharded load as it reaches the whole-model conversion (one gloo rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from lightning_paged.core.fsdp_load import convert_and_shard
+    from lightning_paged.core.qlora_config import QLoRAConfig
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = checkpointed_llama()
+        config = QLoRAConfig(compute_dtype="float32", quant_storage="float32", offload_activations=True)
+        report, _ = convert_and_shard(model, config, torch.device("cpu"), init_device_mesh("cpu", (1,)))
+        assert report.offload is not None and "offload_activations" in report.summary()
+        model(**batch()).loss.backward()
+        # On the host nothing moves, but each checkpointed block's saved input went through the hooks.
+        assert report.offload.kept_tensors == model.config.num_hidden_layers
+        assert report.offload.restored_tensors == 0
+    finally:
+        dist.destroy_process_group()

@@ -370,6 +370,7 @@ def test_strategies_take_every_qlora_setting_by_name_and_refuse_an_unknown_one()
         use_rslora=True,
         use_dora=True,
         gradient_checkpointing=False,
+        offload_activations=True,
         upcast_non_quantized=True,
     )
     assert wanted != QLoRAConfig() and all(v != getattr(QLoRAConfig(), k) for k, v in asdict(wanted).items())
