@@ -10,7 +10,7 @@ settings and the selection are re-exported here, where users have always importe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -36,6 +36,7 @@ from lightning_paged.core.layers4bit import (
     set_submodule,
 )
 from lightning_paged.core.lora import add_adapters
+from lightning_paged.core.offload import OffloadStats, enable_activation_offload
 from lightning_paged.core.qlora_config import (
     FINGERPRINT,
     QLORA_FIELDS,
@@ -89,6 +90,10 @@ class ConversionReport:
     """Bytes of the 4-bit experts (included in ``quantized_bytes``)."""
     adapted_experts: list[str] = field(default_factory=list)
     """PEFT ``target_parameters`` of the expert LoRA (empty without ``lora_on_experts``)."""
+    offload: OffloadStats | None = None
+    """What activation offloading moves, when ``offload_activations`` put it on the checkpointed layers."""
+    offload_requested: bool = False
+    """Whether ``offload_activations`` was on (with ``offload`` None: no checkpointed layers to offload from)."""
 
     def summary(self) -> str:
         ratio = self.quantized_bytes / self.replaced_16bit_bytes if self.replaced_16bit_bytes else 0.0
@@ -101,7 +106,7 @@ class ConversionReport:
                 + (f", LoRA on {', '.join(self.adapted_experts)}" if self.adapted_experts else "")
                 + ")"
             )
-        return (
+        text = (
             f"QLoRA: {len(self.quantized)} linear layers quantized to 4-bit, {len(self.skipped)} skipped "
             f"({skipped}); LoRA on {len(self.adapted)} layers{experts}; "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
@@ -109,6 +114,15 @@ class ConversionReport:
             f"4-bit weights {format_bytes(self.quantized_bytes)} in place of "
             f"{format_bytes(self.replaced_16bit_bytes)} at 16 bits ({ratio:.3f}x)"
         )
+        if self.offload is not None:
+            text += "; checkpointed layer inputs wait in host memory (offload_activations)"
+        elif self.offload_requested:
+            text += "; offload_activations: the model has no gradient checkpointing to offload from"
+        return text
+
+    def values(self) -> dict[str, Any]:
+        """This report's fields as they are (``asdict`` would turn :class:`OffloadStats` into a dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(ConversionReport)}
 
 
 LayerSource = Callable[[str, nn.Module], nn.Module]
@@ -168,6 +182,7 @@ def convert_to_qlora(
 
     place_non_quantized(model, config, device)
     adapted_experts = add_adapters(model, config, targets, device, conv1d=conv1d)
+    offload = enable_activation_offload(model) if config.offload_activations else None
 
     total = sum(param_count(p) for p in model.parameters()) + moe.parameters - moe.packed_elements
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -184,6 +199,8 @@ def convert_to_qlora(
         expert_params=moe.parameters,
         expert_bytes=moe.nbytes,
         adapted_experts=adapted_experts,
+        offload=offload,
+        offload_requested=config.offload_activations,
     )
 
 

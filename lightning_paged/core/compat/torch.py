@@ -53,3 +53,21 @@ def profiler_active() -> bool:
     if probe is not None:
         return bool(probe())
     return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+
+
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward-pre hooks of its own (``nn.Module._forward_hooks``,
+    ``_forward_pre_hooks``, ``torch/nn/modules/module.py``).
+
+    The chunked loss calls a bare output layer's weight directly only when nothing hooks its forward.
+    """
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor ``tensor`` is a view of, or ``tensor`` itself (``Tensor._base``, ``torch/_tensor.py``).
+
+    Activation offloading leaves a view of a parameter where it is, as it leaves the parameter.
+    """
+    base = tensor._base
+    return base if base is not None else tensor
