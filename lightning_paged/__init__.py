@@ -10,6 +10,7 @@ from lightning_paged.core.loading import LoadReport, WeightLoadError, empty_mode
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
+from lightning_paged.core.plan import MemoryPlan, plan_memory
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to_qlora
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.tokenizer import ByteTokenizer, load_tokenizer
@@ -38,6 +39,7 @@ __all__ = [
     "EvictionRecorder",
     "InstructionDataModule",
     "LoadReport",
+    "MemoryPlan",
     "OptimizerConfig",
     "PackCollator",
     "PackedDataset",
@@ -63,6 +65,7 @@ __all__ = [
     "merge_adapter",
     "model_inputs",
     "paging_coverage",
+    "plan_memory",
     "repage_optimizer_state",
     "save_adapter",
 ]

@@ -6,8 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 READ_FROM = "2.13.0"
+
+DispatchMode = TorchDispatchMode
+"""The base of a mode that sees every operator call (``torch.utils._python_dispatch.TorchDispatchMode``)."""
 
 
 def set_last_lr(scheduler: Any, lrs: list[float]) -> None:
@@ -53,3 +57,43 @@ def profiler_active() -> bool:
     if probe is not None:
         return bool(probe())
     return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
+
+
+# Fake tensors and dispatch modes: the memory plan's dry run (``core/plan/``) stands on them. They live
+# in torch's private modules ``torch._subclasses.fake_tensor``, ``torch.utils._python_dispatch`` and
+# ``torch.utils._pytree`` (read from torch 2.13.0).
+
+
+def fake_tensor_mode() -> Any:
+    """A ``FakeTensorMode`` into which real tensors may flow (the batch, bitsandbytes' code tables)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_fake(value: Any) -> bool:
+    """Whether ``value`` is a fake tensor (``torch._subclasses.fake_tensor.FakeTensor``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def real_tensors() -> Any:
+    """A context in which the active fake mode is off: operators run for real (``unset_fake_temporarily``)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def value_dependent_errors() -> tuple[type[Exception], ...]:
+    """What a fake mode raises for an operator whose output depends on the values (``.item()``, ``nonzero``)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    return (DataDependentOutputException, DynamicOutputShapeException)
+
+
+def tensor_leaves(tree: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts (``torch.utils._pytree.tree_leaves``)."""
+    from torch.utils._pytree import tree_leaves
+
+    return list(tree_leaves(tree))
