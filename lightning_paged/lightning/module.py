@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -16,9 +17,9 @@ from lightning_paged.core.models import model_from_config, model_from_directory
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.packing import (
     batch_tokens,
+    causal_lm_loss,
     check_packing_support,
     is_packed,
-    model_inputs,
     response_targets,
 )
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
@@ -143,7 +144,16 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss over the batch's response tokens (transformers' causal-LM loss)."""
-        return self.model(**model_inputs(batch, self.model)).loss
+        return self.training_loss(self.model, batch)
+
+    @staticmethod
+    def training_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+        """The loss a training step backpropagates for ``batch`` through ``model``.
+
+        A static method so that the memory plan (``lightning-paged plan``, the check before ``fit``)
+        runs this same code on the model of its dry run.
+        """
+        return causal_lm_loss(model, batch)
 
     @override
     def on_fit_start(self) -> None:
