@@ -2,11 +2,14 @@
 
 from lightning_paged.commands.resume_check import last_checkpoint
 from lightning_paged.core.atomic import CheckpointReadError
+from lightning_paged.core.causal_lm_loss import causal_lm_loss
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.export import adapter_from_model, merge_adapter, save_adapter
 from lightning_paged.core.fingerprint import CheckpointMismatchError
 from lightning_paged.core.loading import LoadReport, WeightLoadError, empty_model, load_and_convert
+from lightning_paged.core.loss import LogitTransform, chunked_cross_entropy
+from lightning_paged.core.offload import ActivationOffload, enable_activation_offload
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer, build_scheduler
 from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
@@ -29,6 +32,7 @@ from lightning_paged.lightning.strategies import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ActivationOffload",
     "AtomicCheckpointIO",
     "ByteTokenizer",
     "CausalLMModule",
@@ -39,6 +43,7 @@ __all__ = [
     "EvictionRecorder",
     "InstructionDataModule",
     "LoadReport",
+    "LogitTransform",
     "MemoryPlan",
     "OptimizerConfig",
     "PackCollator",
@@ -56,9 +61,12 @@ __all__ = [
     "adapter_from_model",
     "build_optimizer",
     "build_scheduler",
+    "causal_lm_loss",
     "check_packing_support",
+    "chunked_cross_entropy",
     "convert_to_qlora",
     "empty_model",
+    "enable_activation_offload",
     "last_checkpoint",
     "load_and_convert",
     "load_tokenizer",

@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,7 @@ CPU_SCRIPTS = (
     "packing",
     "load_memory",
     "memory_plan",
+    "long_sequence",
 )
 
 
@@ -184,6 +186,47 @@ def test_packing_quick(quick_runs):
         assert case["first_step_loss"]["abs_difference"] < 1e-5  # packed and unpacked: the same loss
         assert 0.9 < case["packed_fill_rate"] <= 1
     assert "useful tokens/s" in markdown and "Goal on long_tailed/tiny" in markdown
+
+
+def test_long_sequence_quick_stops_runs_at_the_budget_and_the_losses_agree(quick_runs):
+    report, markdown = finished(quick_runs, "long_sequence")
+    check_machine(report)
+    short, long = report["settings"]["lengths"]
+    runs, summary = report["runs"], report["summary"]
+    ours = runs["lightning_paged"]
+    assert [r["seq_len"] for r in ours] == [short, long] and all(r["fits"] for r in ours)
+    trainer = runs["transformers_trainer"]
+    assert trainer[0]["fits"] and trainer[1]["fits"] is False  # stopped at the budget, reported
+    assert trainer[1]["peak_above_baseline_bytes"] > report["settings"]["budget_bytes"]
+    assert (
+        summary["longest_fit"]["lightning_paged"] == long
+        and summary["longest_fit"]["transformers_trainer"] == short
+    )
+    # the adapters start at zero: every variant's first loss is the base model's on the same tokens
+    assert summary["first_step_loss_max_difference"] < 1e-4
+    assert len(summary["first_step_losses"][str(short)]) >= 3
+    trl = runs["trl_sft"][0]
+    if trl.get("skipped"):
+        assert "trl is not installed" in trl["skipped"]
+    else:
+        assert trl["trl_loss_type"] == report["trl_loss_type"] and report["machine"]["versions"]["trl"]
+    timing = summary["step_time_ratio_vs_standard"]
+    assert timing["cpu_median"] > 0 and len(timing["cpu_per_round"]) == report["settings"]["timing_rounds"]
+    assert "does not fit in 256.0 MiB" in markdown
+
+
+def test_long_sequence_gpu_measurement_runs_on_cpu_and_the_variants_agree():
+    """The GPU script's measurement, on a tiny model on CPU: no memory figures, the same first loss."""
+    import long_sequence_gpu as gpu
+
+    tiny = replace(gpu.QUICK, device="cpu", vocab_size=512, hidden_size=32, intermediate_size=64, steps=2)
+    runs = {v: gpu.measure(tiny, v, 48) for v in gpu.VARIANTS}
+    assert all(r["fits"] and r["tokens_per_second"] > 0 for r in runs.values())
+    first = [r["losses"][0] for r in runs.values()]
+    assert max(first) - min(first) < 1e-5
+    assert runs["chunked+offload"]["offloaded_bytes"] == 0  # on the host nothing moves
+    assert "max_memory_reserved" not in runs["chunked"]
+    assert gpu.main(["--plan"]) == 0
 
 
 # --- the GPU script's logic, on CPU ---------------------------------------------------------------------

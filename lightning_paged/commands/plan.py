@@ -133,8 +133,20 @@ def plan_inputs(config: Any) -> dict[str, Any]:
         "accumulate_grad_batches": int(_get(trainer, "accumulate_grad_batches") or 1),
         "world_size": devices,
         "sharded": kind == 3,
-        "step_loss": getattr(model_class, "training_loss", None),
+        **_loss_settings(model, model_class),
     }
+
+
+def _loss_settings(model: Mapping[str, Any], model_class: Any) -> dict[str, Any]:
+    """``loss`` and ``loss_chunk_size`` of a ``CausalLMModule`` config (defaults filled in by the parser).
+
+    The parser has checked their values against the module's signature already.
+    """
+    from lightning_paged.lightning.module import CausalLMModule
+
+    if not (isinstance(model_class, type) and issubclass(model_class, CausalLMModule)):
+        return {}
+    return {name: model[name] for name in ("loss", "loss_chunk_size") if model.get(name) is not None}
 
 
 def _get(node: Any, key: str) -> Any:

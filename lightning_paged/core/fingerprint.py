@@ -27,7 +27,8 @@ from lightning_paged.core.qlora_config import QLoRAConfig
 
 SETTINGS: tuple[str, ...] = tuple(f.name for f in fields(QLoRAConfig) if f.metadata.get("fingerprint"))
 """The QLoRA settings that change what the adapter weights mean: those marked on :class:`QLoRAConfig`.
-``lora_dropout``, ``quant_storage`` and ``gradient_checkpointing`` do not, and may change between runs."""
+``lora_dropout``, ``quant_storage``, ``gradient_checkpointing`` and ``offload_activations`` do not, and may
+change between runs."""
 
 _CHUNK = 8 * 1024 * 1024
 

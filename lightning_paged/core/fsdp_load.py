@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -49,6 +49,7 @@ from lightning_paged.core.loading.stream import (
     plan_load,
 )
 from lightning_paged.core.lora import checkpointing, inject_lora, lora_config
+from lightning_paged.core.offload import enable_activation_offload
 from lightning_paged.core.qlora import ConversionReport
 from lightning_paged.core.qlora_config import STORAGE_DTYPES, QLoRAConfig
 from lightning_paged.core.selection import select_layers
@@ -96,6 +97,7 @@ def convert_and_shard(
             param.requires_grad_(False)
         if config.gradient_checkpointing:
             checkpointing(model)
+        offload = enable_activation_offload(model) if config.offload_activations else None
         for block, prefix in zip(blocks, prefixes):
             inside = [(n, m) for n, m in named if n == prefix or n.startswith(prefix + ".")]
             _fill(source, model, inside, originals, totals)
@@ -122,6 +124,8 @@ def convert_and_shard(
                 trainable_params=trainable,
                 quantized_bytes=totals.quantized,
                 replaced_16bit_bytes=totals.replaced_16bit,
+                offload=offload,
+                offload_requested=config.offload_activations,
             )
         )
     layers: list[Any] = linear4bit_layers(model)
@@ -264,7 +268,7 @@ class _DirectorySource:
 
     def report(self, report: ConversionReport) -> ConversionReport:
         return LoadReport(
-            **asdict(report),
+            **report.values(),
             directory=str(self.files.directory),
             files=len(self.files.files),
             tensors_read=self.read[0],

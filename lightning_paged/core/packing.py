@@ -235,11 +235,6 @@ def model_inputs(batch: Mapping[str, Any], model: Any = None) -> dict[str, Any]:
     return out
 
 
-def causal_lm_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-    """transformers' causal-LM loss of ``batch`` (padded or packed) through ``model``: the mean over its targets."""
-    return model(**model_inputs(batch, model)).loss
-
-
 def flash_boundaries(position_ids: torch.Tensor) -> dict[str, Any]:
     """``cu_seq_lens_q/k`` (int32) and ``max_length_q/k`` (int) of the examples of a flattened packed batch.
 

@@ -10,7 +10,8 @@ settings and the selection are re-exported here, where users have always importe
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from lightning_paged.core.layers4bit import (
     set_submodule,
 )
 from lightning_paged.core.lora import add_adapters
+from lightning_paged.core.offload import OffloadStats, enable_activation_offload
 from lightning_paged.core.qlora_config import (
     FINGERPRINT,
     QLORA_FIELDS,
@@ -68,11 +70,15 @@ class ConversionReport:
     trainable_params: int
     quantized_bytes: int
     replaced_16bit_bytes: int
+    offload: OffloadStats | None = None
+    """What activation offloading moves, when ``offload_activations`` put it on the checkpointed layers."""
+    offload_requested: bool = False
+    """Whether ``offload_activations`` was on (with ``offload`` None: no checkpointed layers to offload from)."""
 
     def summary(self) -> str:
         ratio = self.quantized_bytes / self.replaced_16bit_bytes if self.replaced_16bit_bytes else 0.0
         skipped = ", ".join(self.skipped) if self.skipped else "none"
-        return (
+        text = (
             f"QLoRA: {len(self.quantized)} linear layers quantized to 4-bit, {len(self.skipped)} skipped "
             f"({skipped}); LoRA on {len(self.adapted)} layers; "
             f"{self.trainable_params:,} of {self.total_params:,} parameters trainable "
@@ -80,6 +86,15 @@ class ConversionReport:
             f"4-bit weights {format_bytes(self.quantized_bytes)} in place of "
             f"{format_bytes(self.replaced_16bit_bytes)} at 16 bits ({ratio:.3f}x)"
         )
+        if self.offload is not None:
+            text += "; checkpointed layer inputs wait in host memory (offload_activations)"
+        elif self.offload_requested:
+            text += "; offload_activations: the model has no gradient checkpointing to offload from"
+        return text
+
+    def values(self) -> dict[str, Any]:
+        """This report's fields as they are (``asdict`` would turn :class:`OffloadStats` into a dict)."""
+        return {f.name: getattr(self, f.name) for f in fields(ConversionReport)}
 
 
 LayerSource = Callable[[str, nn.Linear], nn.Module]
@@ -132,6 +147,7 @@ def convert_to_qlora(
 
     place_non_quantized(model, config, device)
     add_adapters(model, config, targets, linear_names, device)
+    offload = enable_activation_offload(model) if config.offload_activations else None
 
     total = sum(param_count(p) for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -143,6 +159,8 @@ def convert_to_qlora(
         trainable_params=trainable,
         quantized_bytes=quantized_bytes,
         replaced_16bit_bytes=replaced_bytes,
+        offload=offload,
+        offload_requested=config.offload_activations,
     )
 
 

@@ -62,6 +62,11 @@ class QLoRAConfig:
     """Weight-decomposed LoRA (DoRA)."""
     gradient_checkpointing: bool = True
     """Non-reentrant activation checkpointing on models that support it (transformers models)."""
+    offload_activations: bool = False
+    """Keep each checkpointed layer's input in pinned host memory from the forward to the backward pass.
+
+    Frees about ``layers x tokens x hidden x 2`` bytes of device memory (bf16) for two copies per layer
+    and step; needs ``gradient_checkpointing``. Nothing moves for a model on the host."""
     upcast_non_quantized: bool = field(default=False, metadata=FINGERPRINT)
     """Cast every non-quantized weight to float32 (PEFT's ``prepare_model_for_kbit_training`` default). Costs memory."""
 

@@ -93,7 +93,7 @@ def _plan(
         device_memory=int(probe.sample().total),
         world_size=int(trainer.world_size),
         sharded="fsdp" in str(getattr(strategy, "strategy_name", "")),
-        step_loss=getattr(type(module), "training_loss", None),
+        **_loss_settings(module),
     )
     try:
         plan = plan_memory(config, seq_len=max_length, search=False, **settings)
@@ -107,6 +107,16 @@ def _plan(
         return None
     _write_prediction(trainer, plan)
     return plan
+
+
+def _loss_settings(module: Any) -> dict[str, Any]:
+    """The module's loss settings as the plan takes them (``CausalLMModule``'s ``loss``, ``loss_chunk_size``)."""
+    out: dict[str, Any] = {}
+    if getattr(module, "loss_kind", None) is not None:
+        out["loss"] = module.loss_kind
+    if isinstance(getattr(module, "loss_chunk_size", None), int):
+        out["loss_chunk_size"] = module.loss_chunk_size
+    return out
 
 
 def _write_prediction(trainer: Any, plan: MemoryPlan) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -10,14 +9,15 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
+from lightning_paged.core.causal_lm_loss import LossPlan, batch_loss, fallback_message, loss_plan
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_optimizer import model_parameters
 from lightning_paged.core.loading import deferred_directory, load_unquantized
+from lightning_paged.core.loss import DEFAULT_CHUNK_SIZE, LOSS_KINDS, LossKind
 from lightning_paged.core.models import model_from_config, model_from_directory
 from lightning_paged.core.optimizers import OptimizerConfig
 from lightning_paged.core.packing import (
     batch_tokens,
-    causal_lm_loss,
     check_packing_support,
     is_packed,
     response_targets,
@@ -37,7 +37,11 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     ``attention_mask=None`` and ``use_cache=False``, and an attention implementation that would let
     packed samples see each other is refused when ``fit`` starts).
 
-    The loss is the mean over the response tokens of the batch, packed or not. With gradient
+    The loss is the mean over the response tokens of the batch, packed or not, computed chunk by chunk
+    from the output layer's input (``loss="chunked"``, the default, in training, validation and test):
+    the batch's full logits never exist, and the value and gradients are those of transformers' loss.
+    A model whose forward changes its logits in a way the chunked loss does not reproduce runs its own
+    loss instead, with a warning that says why. With gradient
     accumulation or several processes, each process backpropagates the *sum* of its token losses and
     the gradients are divided by the response tokens of the whole optimizer step (all micro-batches,
     all ranks, summed across ranks) right before the optimizer step, so every response token weighs
@@ -58,6 +62,8 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
         optimizer: OptimizerConfig | None = None,
         sample_prompt: str | None = None,
         sample_max_new_tokens: int = 32,
+        loss: LossKind = "chunked",
+        loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
         """
         Args:
@@ -75,12 +81,27 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
             sample_prompt: An instruction to answer after each validation, logged on rank zero so you
                 can watch the model learn. Formatted with the data module's prompt template. None: off.
             sample_max_new_tokens: Most tokens generated for the sample.
+            loss: ``"chunked"``: the cross-entropy is computed from the output layer's input,
+                ``loss_chunk_size`` response tokens at a time (prompt and padding positions never reach
+                the output layer), so the loss needs about ``loss_chunk_size x vocabulary`` logits of
+                memory instead of ``tokens x vocabulary``. ``"standard"``: the model's own loss, every
+                logit in memory. Both give the same loss and gradients within float tolerance.
+            loss_chunk_size: Response tokens per chunk of the chunked loss.
         """
         super().__init__()
         self.save_hyperparameters()
         self.optimizer_config = optimizer
         if sample_max_new_tokens < 1:
             raise SettingError("sample_max_new_tokens", sample_max_new_tokens, "must be a positive integer")
+        if loss not in LOSS_KINDS:
+            raise SettingError("loss", loss, f"must be one of {', '.join(LOSS_KINDS)}")
+        if not isinstance(loss_chunk_size, int) or loss_chunk_size < 1:
+            raise SettingError(
+                "loss_chunk_size", loss_chunk_size, "must be a positive number of tokens (e.g. 256)"
+            )
+        self.loss_kind = loss
+        self.loss_chunk_size = loss_chunk_size
+        self._loss_plan: LossPlan | None = None
         self.sample_prompt = sample_prompt
         self.sample_max_new_tokens = sample_max_new_tokens
         self.tokenizer = load_tokenizer(tokenizer)
@@ -111,6 +132,7 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     @override
     def setup(self, stage: str) -> None:
         super().setup(stage)
+        self._loss_plan = None
         strategy = self._trainer.strategy if self._trainer is not None else None
         if stage == "fit" and strategy is not None:
             self.warn_unless_qlora(strategy)
@@ -142,18 +164,24 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
     ) -> Any:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
+    @property
+    def loss_in_use(self) -> str:
+        """``"chunked"`` or ``"standard"``: how the loss is computed (a model the chunked loss falls back on: standard)."""
+        plan = self._loss_plan
+        return "chunked" if self.loss_kind == "chunked" and (plan is None or plan.chunked) else "standard"
+
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean loss over the batch's response tokens (transformers' causal-LM loss)."""
-        return self.training_loss(self.model, batch)
-
-    @staticmethod
-    def training_loss(model: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-        """The loss a training step backpropagates for ``batch`` through ``model``.
-
-        A static method so that the memory plan (``lightning-paged plan``, the check before ``fit``)
-        runs this same code on the model of its dry run.
-        """
-        return causal_lm_loss(model, batch)
+        """Mean loss over the batch's response tokens (transformers' causal-LM loss, chunked by default)."""
+        if (
+            self.loss_kind == "chunked" and self._loss_plan is None
+        ):  # read once the strategy has converted the model
+            self._loss_plan = loss_plan(self.model)
+            if self._loss_plan.fallback is not None:
+                rank_zero_warn(
+                    fallback_message(self._loss_plan.fallback)
+                    + " Set model.loss to 'standard' to run it without this warning."
+                )
+        return batch_loss(self.model, batch, self.loss_kind, self.loss_chunk_size, self._loss_plan)
 
     @override
     def on_fit_start(self) -> None:

@@ -15,6 +15,7 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
+from lightning_paged.core.eviction.breakdown import memory_breakdown
 from lightning_paged.core.eviction.prediction import comparison_for
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.run import (
@@ -195,6 +196,7 @@ class EvictionMonitor(Callback):
             return
         self.summary = self.recorder.close()
         self.recorder = None
+        self.summary.memory = _memory(trainer, pl_module)
         text = share_summary(self.summary, trainer.global_rank, trainer.world_size, self._log_dir)
         if trainer.is_global_zero:
             comparison = comparison_for(self.path) if self.path is not None else None
@@ -232,3 +234,16 @@ class EvictionMonitor(Callback):
 
 def _warn(message: str) -> None:
     rank_zero_warn(f"EvictionMonitor: {message}")
+
+
+def _memory(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any] | None:
+    """The sizes a step's memory is made of, for the summary (None for a model without a transformers config)."""
+    qlora = getattr(trainer.strategy, "qlora", None)
+    breakdown = memory_breakdown(
+        pl_module,
+        trainer.optimizers,
+        loss=getattr(pl_module, "loss_in_use", "standard"),
+        chunk_size=getattr(pl_module, "loss_chunk_size", 256),
+        offload=bool(getattr(qlora, "offload_activations", False)),
+    )
+    return None if breakdown is None else breakdown.to_dict()

@@ -209,7 +209,18 @@ ROWS = [
         [f"{STRATEGY}skip_modules", "[lm_haed]"],
         ["trainer.strategy.init_args.skip_modules", "lm_head", "q_proj"],
     ),
+    Row(
+        "loss_chunk_size_zero",
+        [f"{MODEL}loss_chunk_size", "0"],
+        ["model.init_args.loss_chunk_size", "positive"],
+    ),
     # jsonargparse's own errors, one line each
+    Row("loss_kind", [f"{MODEL}loss", "fused"], ["model.init_args.loss", "chunked", "standard"]),
+    Row(
+        "offload_activations_not_a_bool",
+        [f"{STRATEGY}offload_activations", "maybe"],
+        ["trainer.strategy.init_args.offload_activations", "maybe"],
+    ),
     Row(
         "scheduler_typo",
         [f"{MODEL}optimizer.scheduler", "cosin"],

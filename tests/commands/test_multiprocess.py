@@ -4,7 +4,9 @@ Three launches shared by every test here: ``paged_qlora_ddp`` and ``paged_qlora_
 processes of 8 sequences each, ``paged_qlora`` on one process of 16, over the same global batches
 (the data module's ``ResumableSampler`` gives rank r the r-th of every two samples of one seeded
 order). All read the same model directory, validate and generate the sample prompt twice, and write
-``last.ckpt``; float32 compute, no dropout, a 32-bit optimizer. Each launch runs with a timeout and
+``last.ckpt``; float32 compute, no dropout, a 32-bit optimizer, the model's own loss (FSDP runs it
+anyway, the chunked loss standing aside for a sharded model: the comparisons are of the sharding, not
+of two loss computations; ``tests/lightning/test_packing.py`` runs the chunked loss on two processes). Each launch runs with a timeout and
 its whole process group is killed should it hang.
 """
 
@@ -80,6 +82,8 @@ def _start(run_dir: Path, model: Path, strategy: str, devices: int, batch_size: 
         "0",
         "--model.init_args.sample_max_new_tokens",
         "4",
+        "--model.init_args.loss",
+        "standard",
         "--data.init_args.batch_size",
         str(batch_size),
     ]

@@ -204,3 +204,22 @@ def test_two_process_ddp_keeps_lora_weights_equal(tmp_path):
         assert len(read_jsonl(tmp_path / f"eviction_events.rank{rank}.jsonl").records) == 3
     summary = (tmp_path / "eviction_summary.txt").read_text()
     assert "rank 0" in summary and "rank 1" in summary
+
+
+def test_the_chunked_loss_runs_through_fabric_s_module_with_the_standard_loss_s_gradients():
+    from lightning_paged import causal_lm_loss
+    from lightning_paged.core.causal_lm_loss import loss_plan
+
+    fabric = make_fabric(QLoRAConfig(lora_dropout=0.0, compute_dtype="float32", offload_activations=True))
+    model, _, _ = setup(fabric)
+    assert loss_plan(model).chunked  # Fabric's wrapper is looked through
+    ids = batches(1)[0]
+    adapters_ = list(adapters(model).values())
+    expected = model(input_ids=ids, labels=ids).loss
+    want = torch.autograd.grad(expected, adapters_)
+    loss = causal_lm_loss(model, {"input_ids": ids, "labels": ids}, chunk_size=5)
+    got = torch.autograd.grad(loss, adapters_)
+    torch.testing.assert_close(loss, expected)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    assert fabric.strategy.conversion_report.offload is not None  # the QLoRA setting reached the conversion

@@ -61,7 +61,8 @@ def plan():
         batch_size=2,
         seq_len=96,
         seq_lens=(32,),
-        step_loss=CausalLMModule.training_loss,
+        loss=module.loss_kind,  # the module's loss, as the check plans it
+        loss_chunk_size=module.loss_chunk_size,
     )
 
 

@@ -140,3 +140,54 @@ def test_bad_model_settings_are_clear_errors(tmp_path):
         CausalLMModule(model_config=TINY, tokenizer=str(tmp_path / "missing"))
     with pytest.raises(SettingError, match=r"^sample_max_new_tokens must be a positive integer"):
         CausalLMModule(model_config=TINY, sample_max_new_tokens=0)
+
+
+class LossLog(pl.Callback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: object) -> None:
+        self.losses.append(trainer.callback_metrics["train/loss"].item())
+
+
+def test_the_chunked_and_the_standard_loss_train_and_evaluate_alike(tmp_path):
+    """The default chunked loss gives the standard loss's values and updates, in training and validation."""
+    rows = [{"instruction": f"Uppercase: {w}", "output": w.upper()} for w in ["cat", "horse", "owl"] * 4]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    runs = {}
+    for kind in ("chunked", "standard"):
+        torch.manual_seed(0)
+        module = CausalLMModule(
+            model_config=TINY, optimizer=OptimizerConfig(name="sgd", lr=0.5), loss=kind, loss_chunk_size=7
+        )
+        initial = module.model.lm_head.weight.detach().clone()
+        logger = LossLog()
+        t = trainer(max_steps=3, val_check_interval=3, limit_val_batches=1, callbacks=[logger])
+        t.fit(module, InstructionDataModule(path, val_split=3, batch_size=3, seed=0))
+        runs[kind] = (logger.losses, t.callback_metrics["val/loss"].item(), dict(module.named_parameters()))
+    (losses, val, params), (std_losses, std_val, std_params) = runs["chunked"], runs["standard"]
+    assert losses == pytest.approx(std_losses, rel=1e-5) and val == pytest.approx(std_val, rel=1e-5)
+    assert not torch.equal(params["model.lm_head.weight"], initial)
+    for name, param in params.items():  # the head's weight included: it trains here, no QLoRA
+        torch.testing.assert_close(param, std_params[name], rtol=1e-4, atol=1e-6)
+
+
+def test_a_model_the_chunked_loss_does_not_reproduce_runs_its_own_loss_and_says_why(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "Reverse: abc", "output": "cba"}] * 2)
+    dm = InstructionDataModule(path, val_split=0, batch_size=2)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    module = CausalLMModule(model_config=TINY)
+    module.model.loss_function = lambda logits, labels, vocab_size, **kwargs: logits.float().abs().mean()
+    with pytest.warns(
+        UserWarning, match=r"chunked loss is off.*LlamaForCausalLM computes its loss with <lambda>"
+    ):
+        loss = module._loss(batch)
+    torch.testing.assert_close(loss, module.model(**batch).loss)
+
+
+def test_bad_loss_settings_are_clear_errors():
+    with pytest.raises(SettingError, match=r"^loss must be one of chunked, standard; got 'fused'"):
+        CausalLMModule(model_config=TINY, loss="fused")  # type: ignore[arg-type]
+    with pytest.raises(SettingError, match=r"^loss_chunk_size must be a positive number of tokens"):
+        CausalLMModule(model_config=TINY, loss_chunk_size=0)

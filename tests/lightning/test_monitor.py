@@ -186,3 +186,35 @@ def test_ddp_ranks_record_their_own_files_and_rank_zero_writes_the_summary(tmp_p
     assert not (tmp_path / "eviction_events.jsonl").exists()
     summary = (tmp_path / "eviction_summary.txt").read_text()
     assert "rank 0" in summary and "rank 1" in summary
+
+
+def test_the_summary_says_where_a_causal_lm_step_s_memory_goes(tmp_path):
+    from lightning_paged import CausalLMModule, PagedQLoRAStrategy
+
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2}
+    config |= {"num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 128}
+    torch.manual_seed(0)
+    module = CausalLMModule(model_config=config, loss_chunk_size=16)
+    data = []
+    for n in (24, 40):
+        ids = torch.randint(0, 256, (2, n))
+        data.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    monitor = EvictionMonitor(source="none")
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        strategy=PagedQLoRAStrategy(compute_dtype="float32", lora_r=4, offload_activations=True),
+        logger=False,
+        callbacks=[monitor],
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None))
+    text = (tmp_path / "eviction_summary.txt").read_text()
+    assert "where the memory of the step with the most tokens (80) goes" in text
+    assert "logits, 16 tokens at a time (chunked loss)" in text
+    assert "checkpointed layer inputs" in text and "host memory (offload_activations)" in text
+    assert "Paging can absorb at most the 0 B of paged optimizer state" in text  # CPU: nothing is paged
+    assert monitor.summary.memory["loss"] == "chunked" and monitor.summary.memory["vocab_size"] == 259

@@ -370,6 +370,7 @@ def test_strategies_take_every_qlora_setting_by_name_and_refuse_an_unknown_one()
         use_rslora=True,
         use_dora=True,
         gradient_checkpointing=False,
+        offload_activations=True,
         upcast_non_quantized=True,
     )
     assert wanted != QLoRAConfig() and all(v != getattr(QLoRAConfig(), k) for k, v in asdict(wanted).items())
@@ -509,3 +510,52 @@ def test_adapters_outside_every_optimizer_are_named_in_a_warning():
         UserWarning, match=r"of the model's \d+ trainable adapter parameters are in no optimizer .*lora_B"
     ):
         fit(module, 1, PagedQLoRAStrategy())
+
+
+class OwnLayersModule(pl.LightningModule):
+    """A LightningModule of its own linear layers: no transformers checkpointing to offload from."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Embedding(VOCAB, 32), nn.Linear(32, 64), nn.GELU(), nn.Linear(64, VOCAB))
+        self.losses: list[float] = []
+
+    def training_step(self, batch, batch_idx):
+        logits = self.net(batch["input_ids"])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten())
+        self.losses.append(loss.item())
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.1)
+
+
+def test_offload_activations_puts_the_hooks_on_the_checkpointed_layers_and_changes_no_result():
+    runs = {}
+    for offload in (False, True):
+        module = LlamaModule()
+        strategy = PagedQLoRAStrategy(lora_dropout=0.0, compute_dtype="float32", offload_activations=offload)
+        fit(module, 2, strategy)
+        runs[offload] = (module, strategy)
+    (plain, _), (module, strategy) = runs[False], runs[True]
+    stats = strategy.conversion_report.offload
+    assert stats is not None and strategy.step_offload is None
+    assert "checkpointed layer inputs wait in host memory" in strategy.conversion_report.summary()
+    # On the host nothing moves, but every block's saved input went through the hooks.
+    assert stats.offloaded_tensors == 0 and stats.kept_tensors == 2 * module.model.config.num_hidden_layers
+    assert module.losses == plain.losses
+
+
+def test_offload_activations_on_any_lightning_module_wraps_its_training_steps():
+    runs = {}
+    for offload in (False, True):
+        module = OwnLayersModule()
+        strategy = PagedQLoRAStrategy(lora_dropout=0.0, compute_dtype="float32", offload_activations=offload)
+        fit(module, 2, strategy)
+        runs[offload] = (module, strategy)
+    (plain, _), (module, strategy) = runs[False], runs[True]
+    assert strategy.conversion_report.offload is None
+    assert "no gradient checkpointing to offload from" in strategy.conversion_report.summary()
+    assert strategy.step_offload is not None and strategy.step_offload.stats.kept_tensors > 0
+    assert module.losses == plain.losses

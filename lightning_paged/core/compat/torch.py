@@ -78,6 +78,15 @@ def is_fake(value: Any) -> bool:
     return isinstance(value, FakeTensor)
 
 
+def is_fake_parameter(value: Any) -> bool:
+    """Whether ``value`` is a fake tensor standing for a plain ``nn.Parameter`` (a module's weight in a dry run).
+
+    ``Module.to_empty`` under a fake mode gives each parameter a ``FakeTensor`` flagged as a parameter
+    (``isinstance(value, nn.Parameter)`` holds, ``type(value) is nn.Parameter`` does not).
+    """
+    return is_fake(value) and isinstance(value, nn.Parameter)
+
+
 def real_tensors() -> Any:
     """A context in which the active fake mode is off: operators run for real (``unset_fake_temporarily``)."""
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -97,3 +106,21 @@ def tensor_leaves(tree: Any) -> list[Any]:
     from torch.utils._pytree import tree_leaves
 
     return list(tree_leaves(tree))
+
+
+def has_module_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward or forward-pre hooks of its own (``nn.Module._forward_hooks``,
+    ``_forward_pre_hooks``, ``torch/nn/modules/module.py``).
+
+    The chunked loss calls a bare output layer's weight directly only when nothing hooks its forward.
+    """
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def view_base(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor ``tensor`` is a view of, or ``tensor`` itself (``Tensor._base``, ``torch/_tensor.py``).
+
+    Activation offloading leaves a view of a parameter where it is, as it leaves the parameter.
+    """
+    base = tensor._base
+    return base if base is not None else tensor

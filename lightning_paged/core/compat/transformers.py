@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 READ_FROM = "5.25.0"
@@ -32,3 +33,17 @@ def attn_implementation(model: Any) -> str | None:
     """
     config = getattr(model, "config", None)
     return getattr(config, "_attn_implementation", None)
+
+
+def set_checkpoint_function(model: Any, function: Callable[..., Any]) -> bool:
+    """Make ``function`` the checkpoint call of every checkpointed layer of ``model``; False where it cannot.
+
+    ``PreTrainedModel._set_gradient_checkpointing(enable=True, gradient_checkpointing_func=...)``
+    (``modeling_utils.py:3223``), where ``_activation_checkpointing_enable`` installs its own
+    (``modeling_utils.py:3176-3181``): every module with a ``gradient_checkpointing`` flag gets it.
+    """
+    setter = getattr(model, "_set_gradient_checkpointing", None)
+    if not callable(setter):
+        return False
+    setter(enable=True, gradient_checkpointing_func=function)
+    return True

@@ -46,6 +46,10 @@ class Summary:
     estimated: bool = False
     rank: int = 0
     unattributed: dict[str, int] = field(default_factory=dict)
+    most_tokens: int | None = None
+    """Real tokens of the step with the most of them."""
+    memory: dict[str, Any] | None = None
+    """A :class:`~lightning_paged.core.eviction.breakdown.MemoryBreakdown` (as a dict), when the run gave one."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -105,6 +109,10 @@ class Summary:
                     f"    {s.step:>7} {seq:>8} {longest:>8} {'yes' if s.long_sequence else 'no':>5} "
                     f"{s.step_s:>9.3f} {format_bytes(s.evicted_bytes):>11}"
                 )
+        if self.memory is not None and self.most_tokens:
+            from lightning_paged.core.eviction.breakdown import MemoryBreakdown
+
+            lines.append(MemoryBreakdown(**self.memory).render(self.most_tokens))
         return "\n".join(lines)
 
 
@@ -133,6 +141,9 @@ class SummaryBuilder:
         s.rank, s.source = r.rank, r.source
         s.estimated = s.estimated or r.estimated
         s.step_s_total += r.step_s
+        tokens = r.tokens if r.tokens is not None else r.seq_len
+        if tokens is not None and (s.most_tokens is None or tokens > s.most_tokens):
+            s.most_tokens = tokens
         if r.long_sequence:
             s.long_steps += 1
             s.step_s_long += r.step_s

@@ -11,7 +11,7 @@ read fail halfway, the model is put back as it was (empty) so nothing is left on
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +176,7 @@ def load_and_convert(
             raise
     mark_deferred(model, None)
     return LoadReport(
-        **asdict(report),
+        **report.values(),
         directory=str(files.directory),
         files=len(files.files),
         tensors_read=read[0],

@@ -8,7 +8,6 @@ tensors), :mod:`~lightning_paged.core.plan.counter` (live bytes over time),
 (dry runs to a plan), :mod:`~lightning_paged.core.plan.measure` (the same step for real, the yardstick).
 """
 
-from lightning_paged.core.packing import causal_lm_loss
 from lightning_paged.core.plan.counter import LiveBytes
 from lightning_paged.core.plan.engine import (
     PLAN_TARGETS,
@@ -32,7 +31,6 @@ __all__ = [
     "RealRun",
     "SeqLenPlan",
     "StepLoss",
-    "causal_lm_loss",
     "measure_run",
     "plan_memory",
     "resolve_model_config",

@@ -94,6 +94,11 @@ class LiveBytes(DispatchMode):
         self._totals: dict[str, int] = {}
         self._classes: dict[str, int] = {}
         self._seq = itertools.count()
+        self._host = 0
+        self._host_entries: dict[int, Any] = {}
+        self.host_bytes = 0
+        """Live bytes made under :meth:`on_host` (activation offloading's copies): host memory, not the device's."""
+        self.host_peak = 0
 
     # -- what is live --------------------------------------------------------------------------
 
@@ -103,6 +108,9 @@ class LiveBytes(DispatchMode):
         except (RuntimeError, NotImplementedError):  # tensors without a storage
             return
         ident = id(storage)
+        if category is None and self._host and ident not in self._entries:
+            self._add_host(storage, ident)
+            return
         entry = self._entries.get(ident)
         if entry is not None:
             if category is not None and entry.category != category:
@@ -115,6 +123,22 @@ class LiveBytes(DispatchMode):
         self._entries[ident] = entry
         self._count(entry, +1)
         self._note_peak(self.live)
+
+    def _add_host(self, storage: Any, ident: int) -> None:
+        if ident in self._host_entries:
+            return
+        nbytes = int(storage.nbytes())
+        self._host_entries[ident] = (
+            nbytes,
+            weakref.ref(storage, functools.partial(self._forget_host, ident)),
+        )
+        self.host_bytes += nbytes
+        self.host_peak = max(self.host_peak, self.host_bytes)
+
+    def _forget_host(self, ident: int, _ref: Any) -> None:
+        entry = self._host_entries.pop(ident, None)
+        if entry is not None:
+            self.host_bytes -= entry[0]
 
     def _count(self, entry: _Entry, sign: int) -> None:
         self.live += sign * entry.nbytes
@@ -170,6 +194,15 @@ class LiveBytes(DispatchMode):
     def totals(self) -> dict[str, int]:
         """Live bytes per category now."""
         return {k: v for k, v in self._totals.items() if v}
+
+    @contextmanager
+    def on_host(self) -> Iterator[None]:
+        """Storages made inside live in host memory (offloaded activations): counted apart, never on the device."""
+        self._host += 1
+        try:
+            yield
+        finally:
+            self._host -= 1
 
     # -- phases --------------------------------------------------------------------------------
 

@@ -12,6 +12,7 @@ quadratic in its length: attention masks), checked by dry runs at the answer.
 from __future__ import annotations
 
 import copy
+import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
@@ -19,14 +20,15 @@ from typing import Any, Literal, get_args
 
 import torch
 
+from lightning_paged.core.causal_lm_loss import batch_loss
 from lightning_paged.core.compat.torch import real_tensors
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.loading import directory_config
+from lightning_paged.core.loss import DEFAULT_CHUNK_SIZE, LOSS_KINDS, LossKind
 from lightning_paged.core.models import transformers_config
 from lightning_paged.core.optimizers import OptimizerConfig
-from lightning_paged.core.packing import causal_lm_loss
 from lightning_paged.core.paged_optimizer import optimizer_and_schedule, optimizer_config
-from lightning_paged.core.plan import cuda
+from lightning_paged.core.plan import cuda, offload
 from lightning_paged.core.plan.counter import LiveBytes
 from lightning_paged.core.plan.fake import SmallOnesReal, fake_mode, fake_qlora_model, planning_batch
 from lightning_paged.core.plan.planner import Measure, Planner, Settings, describe, levers, notes
@@ -60,12 +62,15 @@ class DryRun:
     ) -> None:
         self.config = config
         self.target = target
-        self.step_loss = step_loss or causal_lm_loss
+        self.step_loss: StepLoss = step_loss or batch_loss
         self.micro_batches = micro_batches
+        self.offload: offload.PlanOffload | None = None
         self.mode = fake_mode()
         constant = replace(optimizer, scheduler="constant", warmup_steps=0)  # a schedule holds no memory
         with self.mode:
             self.model = fake_qlora_model(config, qlora, self.mode)
+            if qlora.offload_activations:  # the run's hooks, made to move the dry run's tensors
+                self.offload, self.step_loss = offload.install(self.model, self.step_loss)
             with real_tensors():  # bitsandbytes builds its code tables from Python numbers
                 self.optimizer, _ = optimizer_and_schedule(
                     self.model, constant, total_steps=None, memory=PlanMemory()
@@ -80,6 +85,8 @@ class DryRun:
         )
         batch = planning_batch(batch_size, seq_len, int(self.config.vocab_size), packed)
         first = self._optimizer_phase is None
+        if self.offload is not None:
+            self.offload.counter = counter
         with self.mode, SmallOnesReal(), counter:
             measured = measure_step(
                 self.model,
@@ -223,6 +230,8 @@ def plan_memory(
     target: PlanTarget = "cuda",
     world_size: int = 1,
     sharded: bool = False,
+    loss: LossKind = "chunked",
+    loss_chunk_size: int = DEFAULT_CHUNK_SIZE,
     step_loss: StepLoss | None = None,
     max_seq_len: int | None = None,
     search: bool = True,
@@ -245,7 +254,11 @@ def plan_memory(
         target: ``"cuda"`` for a GPU; ``"cpu"`` plans the host run itself (no CUDA terms).
         world_size: Processes; with ``sharded`` the FSDP share of one rank, else one DDP rank.
         sharded: The model is sharded over ``world_size`` ranks (FSDP).
-        step_loss: The loss of a training step from ``(model, batch)``; default transformers' causal-LM loss.
+        loss: The run's loss, as ``CausalLMModule``'s setting: ``"chunked"`` (its default; the logits of
+            ``loss_chunk_size`` tokens at a time) or ``"standard"`` (every logit). FSDP runs the standard
+            loss whatever the setting (the chunked loss falls back there), and so does its plan.
+        loss_chunk_size: Tokens per chunk of the chunked loss.
+        step_loss: A loss of one's own from ``(model, batch)``, in place of ``loss``.
         max_seq_len: Longest sequence searched; default the model's ``max_position_embeddings``.
         search: Search the longest sequences that fit (needs ``device_memory``).
         context_bytes: The CUDA context's bytes.
@@ -257,6 +270,10 @@ def plan_memory(
     for name, value in (("batch_size", batch_size), ("seq_len", seq_len), ("world_size", world_size)):
         _positive(name, value)
     _positive("accumulate_grad_batches", accumulate_grad_batches)
+    _positive("loss_chunk_size", loss_chunk_size)
+    if loss not in LOSS_KINDS:
+        raise SettingError("loss", loss, f"must be one of {', '.join(LOSS_KINDS)}")
+    planned_loss = "standard" if sharded and world_size > 1 else loss
     for value in seq_lens:
         _positive("seq_lens", value)
     if device_memory is not None:
@@ -274,7 +291,8 @@ def plan_memory(
         target=target,
         world_size=world_size,
         sharded=sharded and world_size > 1,
-        step_loss=step_loss,
+        step_loss=step_loss or functools.partial(batch_loss, loss=planned_loss, chunk_size=loss_chunk_size),
+        loss=None if step_loss is not None else (planned_loss, loss_chunk_size, planned_loss != loss),
         context_bytes=context_bytes if target == "cuda" else 0,
         device_memory=device_memory,
     )

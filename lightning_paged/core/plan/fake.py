@@ -114,11 +114,19 @@ def _fake_quant_state(state: Any) -> Any:
 
 
 class SmallOnesReal(DispatchMode):
-    """Runs an operator for real when its tensor inputs are all real and its outputs are small."""
+    """Runs an operator for real when its tensor inputs are all real and its outputs are small.
+
+    A fake tensor indexed by a real boolean mask (the chunked loss keeps the labelled positions:
+    ``hidden[labels != -100]``) gets the mask's positions as real integer indices first, as the
+    indexing kernels turn a mask into ``nonzero`` indices themselves; a fake mode cannot know how
+    many there are, a real mask says.
+    """
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         if any(is_fake(t) for t in tensor_leaves((args, kwargs))):
+            if func in _INDEXING and len(args) > 1 and any(_real_mask(i) for i in args[1]):
+                args = (args[0], _positions(args[1]), *args[2:])
             return func(*args, **kwargs)
         try:
             out = func(*args, **kwargs)  # the fake mode's answer gives the output sizes
@@ -128,6 +136,28 @@ class SmallOnesReal(DispatchMode):
             return out
         with real_tensors():
             return func(*args, **kwargs)
+
+
+_INDEXING = (
+    torch.ops.aten.index.Tensor,
+    torch.ops.aten.index_put.default,
+    torch.ops.aten.index_put_.default,
+    torch.ops.aten._index_put_impl_.default,
+)
+"""Operators whose second argument is a list of indices, where a boolean mask stands for its positions."""
+
+
+def _real_mask(index: Any) -> bool:
+    return isinstance(index, torch.Tensor) and not is_fake(index) and index.dtype in (torch.bool, torch.uint8)
+
+
+def _positions(indices: list[Any]) -> list[Any]:
+    """``indices`` with each real mask replaced by the integer positions it selects (one index per dimension)."""
+    out: list[Any] = []
+    with real_tensors():
+        for index in indices:
+            out.extend(index.nonzero(as_tuple=True) if _real_mask(index) else [index])
+    return out
 
 
 def _nbytes(out: Any) -> int:

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from lightning_paged.core.causal_lm_loss import batch_loss
 from lightning_paged.core.models import causal_lm
 from lightning_paged.core.optimizers import OptimizerConfig
-from lightning_paged.core.packing import causal_lm_loss
 from lightning_paged.core.paged_optimizer import optimizer_and_schedule
 from lightning_paged.core.paging import ManagedMemory
 from lightning_paged.core.plan.counter import LiveBytes
@@ -70,7 +70,7 @@ class RealRun:
         constant = replace(optimizer, scheduler="constant", warmup_steps=0)
         self.optimizer, _ = optimizer_and_schedule(self.model, constant, total_steps=None, memory=memory)
         self.micro_batches = micro_batches
-        self.step_loss = step_loss or causal_lm_loss
+        self.step_loss: StepLoss = step_loss or batch_loss
 
     def measure(self, batch_size: int, seq_len: int, packed: bool = False) -> MeasuredStep:
         """Run one training step on a ``batch_size`` x ``seq_len`` batch and count it."""

@@ -58,6 +58,8 @@ class Settings:
     world_size: int
     sharded: bool
     step_loss: StepLoss | None
+    loss: tuple[str, int, bool] | None
+    """The run's loss as planned: kind, chunk size, whether FSDP made it standard; None for a ``step_loss``."""
     context_bytes: int
     device_memory: int | None
 
@@ -272,6 +274,18 @@ def notes(settings: Settings) -> list[str]:
             f"CUDA context {format_bytes(s.context_bytes)}, allocator fragmentation {cuda.FRAGMENTATION:.0%} "
             "(estimates), kernel workspaces of CUDA's 4-bit matmul and flash attention"
         )
+    if s.loss is None:
+        out.append("the loss: the step_loss given")
+    elif s.loss[0] == "chunked":
+        out.append(f"chunked loss: the logits of {s.loss[1]} tokens at a time")
+    else:
+        out.append(
+            "standard loss: every logit" + (" (FSDP runs it whatever the loss setting)" if s.loss[2] else "")
+        )
+    if s.qlora.offload_activations:
+        out.append(
+            "offload_activations: the checkpointed layers' inputs wait in host memory, not on the device"
+        )
     if s.world_size > 1:
         out.append(f"{'FSDP' if s.sharded else 'DDP'} over {s.world_size} ranks: one rank's share")
     return out
@@ -302,10 +316,13 @@ def levers(plan: MemoryPlan, settings: Settings, main: SeqLenPlan) -> list[str]:
     if not settings.qlora.gradient_checkpointing:
         out.append("gradient checkpointing: turn it on (keeps one hidden state per block for backward)")
     saved = main.components.get("activations", 0)
-    if saved:
+    if saved and not settings.qlora.offload_activations:
         out.append(
-            f"activation offloading: moves the {format_bytes(saved)} of activations kept for backward to the host"
+            f"activation offloading (offload_activations): moves the checkpointed inputs among the "
+            f"{format_bytes(saved)} of activations kept for backward to the host"
         )
+    if settings.loss is not None and settings.loss[0] == "standard" and not settings.loss[2]:
+        out.append("loss: 'chunked' never holds the logits of the whole batch")
     sharded = sum(
         main.components.get(k, 0) for k in ("weights_4bit", "weights_other", "lora_weights", "lora_grads")
     )

@@ -137,10 +137,7 @@ def measure_step(
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
     hooks = [p.register_post_accumulate_grad_hook(functools.partial(_track_grad, counter)) for p in trainable]
-    output_embeddings = getattr(model, "get_output_embeddings", None)
-    head = output_embeddings() if callable(output_embeddings) else None
-    if isinstance(head, nn.Module):
-        hooks.append(head.register_forward_pre_hook(lambda *_: counter.enter_loss_region()))
+    hooks.append(_mark_loss_region(model, counter))
     try:
         track_model(model, counter)
         for value in batch.values():
@@ -155,6 +152,28 @@ def measure_step(
         for hook in hooks:
             hook.remove()
     return StepMeasure(dict(counter.peaks), paged, pooled, sum(p.numel() for p in trainable))
+
+
+def _mark_loss_region(model: nn.Module, counter: LiveBytes) -> Any:
+    """From the moment the model's decoder returns, new storages are the loss's (logits and after).
+
+    A hook on the decoder's output, not on the output layer: the chunked loss runs a bare output
+    layer its own way only when nothing hooks it, and the plan must run what the run runs.
+    """
+    get_decoder = getattr(model, "get_decoder", None)
+    decoder = get_decoder() if callable(get_decoder) else None
+    if isinstance(decoder, nn.Module) and decoder is not model:
+        return decoder.register_forward_hook(lambda *_: counter.enter_loss_region())
+    output_embeddings = getattr(model, "get_output_embeddings", None)
+    head = output_embeddings() if callable(output_embeddings) else None
+    if isinstance(head, nn.Module):
+        return head.register_forward_pre_hook(lambda *_: counter.enter_loss_region())
+    return _NoHook()
+
+
+class _NoHook:
+    def remove(self) -> None:
+        pass
 
 
 def _track_grad(counter: LiveBytes, param: torch.Tensor) -> None:

@@ -8,6 +8,7 @@ position and random generator states, see :mod:`lightning_paged.lightning.resume
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,7 @@ from lightning_paged.core.adapters import check_optimizers, load_adapter_state_d
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import Fingerprint
 from lightning_paged.core.layers4bit import linear4bit_layers, restore_training_layout
+from lightning_paged.core.offload import ActivationOffload
 from lightning_paged.core.prepare import Prepared, Shard, prepare_model
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, select_layers, select_target
 from lightning_paged.core.qlora_config import QLORA_FIELDS, qlora_config_from_init_args
@@ -104,6 +106,8 @@ class QLoRAStrategyMixin:
         self.prepared: Prepared | None = None
         """What the conversion did and took (fingerprint, adapter place), once setup ran."""
         self._resume = ResumeTracker()
+        self.step_offload: ActivationOffload | None = None
+        """Saved-tensor hooks around each training step, for a model without checkpointing to offload from."""
 
     @property
     def fingerprint(self) -> Fingerprint | None:
@@ -193,6 +197,12 @@ class QLoRAStrategyMixin:
         self._layers4bit = linear4bit_layers(module)
         self._trainable_keys = {n for n, p in module.named_parameters() if p.requires_grad}
         rank_zero_info(prepared.report.summary())
+        if prepared.report.offload_requested and prepared.report.offload is None:
+            self.step_offload = ActivationOffload()
+            rank_zero_info(
+                "offload_activations: every activation a training step saves for its backward pass waits in "
+                "host memory instead (no checkpointed layers to offload the inputs of)"
+            )
 
     def setup(self, trainer: pl.Trainer) -> None:
         self._resume.begin(trainer)
@@ -282,7 +292,8 @@ class QLoRAStrategyMixin:
         super().on_train_batch_start(batch, batch_idx)  # type: ignore[misc]
 
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
-        output = super().training_step(*args, **kwargs)  # type: ignore[misc]
+        with self.step_offload or contextlib.nullcontext():
+            output = super().training_step(*args, **kwargs)  # type: ignore[misc]
         self._resume.after_training_step()
         return output
 
