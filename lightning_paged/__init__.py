@@ -13,6 +13,7 @@ from lightning_paged.core.offload import ActivationOffload, enable_activation_of
 from lightning_paged.core.optimizers import OptimizerConfig, build_optimizer
 from lightning_paged.core.packing import PackCollator, PackedDataset, check_packing_support, model_inputs
 from lightning_paged.core.paging import PagingCoverage, paging_coverage, repage_optimizer_state
+from lightning_paged.core.plan import MemoryPlan, plan_memory
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig, convert_to_qlora
 from lightning_paged.core.sampling import ResumableSampler
 from lightning_paged.core.schedule import build_scheduler
@@ -44,6 +45,7 @@ __all__ = [
     "InstructionDataModule",
     "LoadReport",
     "LogitTransform",
+    "MemoryPlan",
     "OptimizerConfig",
     "PackCollator",
     "PackedDataset",
@@ -72,6 +74,7 @@ __all__ = [
     "merge_adapter",
     "model_inputs",
     "paging_coverage",
+    "plan_memory",
     "repage_optimizer_state",
     "save_adapter",
 ]

@@ -37,7 +37,7 @@ GETTING_STARTED = DOCS / "getting-started.md"
 SKIP = re.compile(r"^<!--\s*skip-test:(?P<reason>.*?)-->\s*$")
 FENCE = re.compile(r"^(?P<indent>\s*)```(?P<lang>[\w+-]*)\s*$")
 CLI_SUBCOMMANDS = ("fit", "validate", "test")
-SUBCOMMANDS = (*CLI_SUBCOMMANDS, "report", "export", "generate")
+SUBCOMMANDS = (*CLI_SUBCOMMANDS, "report", "export", "generate", "plan")
 PYTHON_TIMEOUT_S = 300
 
 

@@ -216,8 +216,40 @@ def _write_report(log_path: str | Path, out: Path) -> str:
     return str(out)
 
 
+class _ParsedCLI(PagedCLI):
+    """The fit config parsed and checked against every class's signature, nothing seeded or built."""
+
+    @override
+    def _set_seed(self) -> None:
+        pass
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        pass
+
+    @override
+    def instantiate_classes(self) -> None:
+        pass
+
+
+def parse_config(args: list[str], description: str = DESCRIPTION) -> Any:
+    """The config ``fit`` would run for ``args`` (files, overrides, interpolation), as a namespace; nothing is built."""
+    saved, sys.argv = (
+        sys.argv,
+        [sys.argv[0], *args],
+    )  # LightningCLI warns when handed args beside a command line
+    try:
+        return _build(_ParsedCLI, None, run=False, description=description).config
+    finally:
+        sys.argv = saved
+
+
 def cli_main(args: list[str] | None = None, run: bool = True, description: str = DESCRIPTION) -> PagedCLI:
     """Build the CLI. ``run=False`` parses and instantiates without running a subcommand (tests, notebooks)."""
+    return _build(PagedCLI, args, run=run, description=description)
+
+
+def _build(cls: type[PagedCLI], args: list[str] | None, run: bool, description: str) -> PagedCLI:
     from jsonargparse import set_parsing_settings
 
     from lightning_paged.commands.config_callback import RunConfigCallback
@@ -226,7 +258,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, description: str =
     # the file's own top level, still resolved after command-line overrides are merged.
     # Attribute docstrings make every settings field (OptimizerConfig, ...) explain itself in --help.
     set_parsing_settings(omegaconf_absolute_to_relative_paths=True, docstring_parse_attribute_docstrings=True)
-    return PagedCLI(
+    return cls(
         model_class=LightningModule,
         datamodule_class=LightningDataModule,
         subclass_mode_model=True,

@@ -1,9 +1,9 @@
-"""The ``lightning-paged`` command: LightningCLI for fit/validate/test, plus report, export and generate.
+"""The ``lightning-paged`` command: LightningCLI for fit/validate/test, plus report, export, generate and plan.
 
 ``lightning-paged fit ...`` (and validate, test) run :mod:`lightning_paged.commands.cli`;
-``report``, ``export`` and ``generate`` are the commands of :mod:`lightning_paged.commands.report`,
-:mod:`lightning_paged.commands.export` and :mod:`lightning_paged.commands.generate`.
-``python -m lightning_paged`` is the same command.
+``report``, ``export``, ``generate`` and ``plan`` are the commands of :mod:`lightning_paged.commands.report`,
+:mod:`lightning_paged.commands.export`, :mod:`lightning_paged.commands.generate` and
+:mod:`lightning_paged.commands.plan`. ``python -m lightning_paged`` is the same command.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import sys
 from lightning_paged.commands.errors import TRACEBACK_FLAG, run_command
 
 EXTRA_COMMANDS = {
+    "plan": "predict a config's peak GPU memory and longest sequence before the run (lightning-paged plan --config FILE)",
     "report": "plot an eviction event log and print its summary (lightning-paged report LOG --out FILE.png)",
     "export": "write a PEFT adapter directory or a merged model from a run (lightning-paged export RUN --out DIR)",
     "generate": "answer a file of prompts with a run's model and adapter, as JSON Lines "
@@ -37,6 +38,10 @@ def _dispatch(argv: list[str], from_console: bool) -> int:
         from lightning_paged.commands import report
 
         return report.main(argv[1:])
+    if argv and argv[0] == "plan":
+        from lightning_paged.commands import plan
+
+        return plan.main(argv[1:])
     if argv and argv[0] == "export":
         from lightning_paged.commands import export
 

@@ -28,6 +28,7 @@ PRIVATE_MEMBERS: dict[str, dict[str, str]] = {
         "_instantiate_trainer": "pytorch/cli.py: overridden to add the rich progress bar",
         "_run_subcommand": "pytorch/cli.py: overridden to tell a bad setting in one line",
         "_subcommand_parsers": "pytorch/cli.py: each subcommand's parser, for did-you-mean keys",
+        "_set_seed": "pytorch/cli.py: overridden by the plan command, which parses a fit config and trains nothing",
     },
     "lightning.fabric.loggers.csv_logs._ExperimentWriter": {
         "_check_log_dir_exists": "fabric/loggers/csv_logs.py: overridden to keep an existing metrics.csv",

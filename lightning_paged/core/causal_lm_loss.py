@@ -28,8 +28,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_paged.core.loss import DEFAULT_CHUNK_SIZE, LogitTransform, Reduction, chunked_cross_entropy
-from lightning_paged.core.packing import IGNORE_INDEX
+from lightning_paged.core.loss import (
+    DEFAULT_CHUNK_SIZE,
+    LogitTransform,
+    LossKind,
+    Reduction,
+    chunked_cross_entropy,
+)
+from lightning_paged.core.packing import IGNORE_INDEX, model_inputs
 
 # Statements transformers' causal-LM forwards run between the output layer and the loss (comments
 # removed, spaces collapsed), with the transform each belongs to.
@@ -137,6 +143,25 @@ def causal_lm_loss(
     return chunked_cross_entropy(
         hidden, plan.head, labels, reduction=reduction, chunk_size=chunk_size, transform=plan.transform
     )
+
+
+def batch_loss(
+    model: nn.Module,
+    batch: Mapping[str, Any],
+    loss: LossKind = "chunked",
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    plan: LossPlan | None = None,
+) -> torch.Tensor:
+    """The training loss of a batch (padded or packed, as the data module makes it) through ``model``.
+
+    ``loss="chunked"``: :func:`causal_lm_loss` (the model's own where it falls back); ``"standard"``:
+    the model's own loss, every logit in memory. ``CausalLMModule`` trains with it, and the memory
+    plan runs it on the model of its dry run.
+    """
+    inputs = model_inputs(batch, model)
+    if loss == "standard":
+        return model(**inputs).loss
+    return causal_lm_loss(model, inputs, chunk_size=chunk_size, plan=plan)
 
 
 def fallback_message(reason: str) -> str:

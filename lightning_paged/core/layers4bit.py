@@ -34,9 +34,14 @@ def quantize_weight(
     ``Linear4bit`` that shares the quantization state. Every path that quantizes a base weight
     (the conversion, a streaming loader) goes through this function.
     """
+    return params4bit(weight, config, module).to(device)  # quantizes on the target device
+
+
+def params4bit(weight: torch.Tensor, config: QLoRAConfig, module: Any = None) -> Any:
+    """``weight`` cast to ``compute_dtype`` in a frozen, not yet quantized ``Params4bit`` of ``config``'s 4-bit settings."""
     import bitsandbytes as bnb
 
-    param: Any = bnb.nn.Params4bit(
+    return bnb.nn.Params4bit(
         weight.to(DTYPES[config.compute_dtype]),
         requires_grad=False,
         compress_statistics=config.double_quant,
@@ -44,7 +49,6 @@ def quantize_weight(
         quant_storage=STORAGE_DTYPES[config.quant_storage],
         module=module,
     )
-    return param.to(device)  # quantizes on the target device
 
 
 def quantize_linear(

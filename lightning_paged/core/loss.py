@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lightning_paged.core.compat.torch import has_module_hooks
+from lightning_paged.core.compat.torch import has_module_hooks, is_fake_parameter
 from lightning_paged.core.packing import IGNORE_INDEX
 
 DEFAULT_CHUNK_SIZE = 256
@@ -187,7 +187,8 @@ def _plain_linear(head: nn.Module | torch.Tensor) -> tuple[torch.Tensor | None, 
         return head, None
     plain = type(head) is nn.Linear and not has_module_hooks(head)
     weight, bias = getattr(head, "weight", None), getattr(head, "bias", None)
-    if not plain or type(weight) is not nn.Parameter:  # a DTensor shard, a 4-bit parameter
+    # Not a DTensor shard nor a 4-bit parameter (the memory plan's fake parameters stand for plain ones).
+    if not plain or not (type(weight) is nn.Parameter or is_fake_parameter(weight)):
         return None, None
     return weight, bias
 

@@ -28,7 +28,28 @@ def model_from_config(model_config: Mapping[str, Any], tokenizer: Any, tokenizer
     ``vocab_size`` defaults to the tokenizer's size and the special token ids to the tokenizer's;
     ``tokenizer_name`` (as the user gave it) is for messages.
     """
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    return causal_lm(transformers_config(model_config, tokenizer, tokenizer_name))
+
+
+def causal_lm(config: Any) -> Any:
+    """The causal LM of a transformers config object, randomly initialised (on the default device).
+
+    Under ``torch.device("meta")`` it holds no memory: the memory plan builds its dry-run model so.
+    """
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_config(config)
+
+
+def transformers_config(
+    model_config: Mapping[str, Any], tokenizer: Any = None, tokenizer_name: str = ""
+) -> Any:
+    """The transformers config object of a dict with ``model_type``, every key checked against it.
+
+    With a ``tokenizer``, ``vocab_size`` and the special token ids default to its own and the
+    vocabulary must cover it; without one, ``vocab_size`` is the config class's default unless given.
+    """
+    from transformers import CONFIG_MAPPING
 
     settings = dict(model_config)
     model_type = settings.pop("model_type", None)
@@ -45,13 +66,18 @@ def model_from_config(model_config: Mapping[str, Any], tokenizer: Any, tokenizer
             close = close_matches(key, sorted(known), cutoff=0.6)
             hint = f"did you mean {close[0]!r}?" if close else f"see {config_class.__name__}"
             raise SettingError(f"model_config.{key}", settings[key], f"is not a {model_type} setting; {hint}")
-    settings.setdefault("vocab_size", len(tokenizer))
-    check_vocab(
-        settings["vocab_size"], tokenizer, tokenizer_name, "model_config.vocab_size", settings["vocab_size"]
-    )
-    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
-        settings.setdefault(name, getattr(tokenizer, name, None))
-    return AutoModelForCausalLM.from_config(config_class(**settings))
+    if tokenizer is not None:
+        settings.setdefault("vocab_size", len(tokenizer))
+        check_vocab(
+            settings["vocab_size"],
+            tokenizer,
+            tokenizer_name,
+            "model_config.vocab_size",
+            settings["vocab_size"],
+        )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            settings.setdefault(name, getattr(tokenizer, name, None))
+    return config_class(**settings)
 
 
 def model_from_directory(

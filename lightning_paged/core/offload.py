@@ -124,19 +124,24 @@ def offloading(checkpoint: Callable[..., Any], hooks: ActivationOffload) -> Call
 
 
 def enable_activation_offload(
-    model: nn.Module, min_bytes: int = MIN_OFFLOAD_BYTES, devices: Sequence[str] | None = None
+    model: nn.Module,
+    min_bytes: int = MIN_OFFLOAD_BYTES,
+    devices: Sequence[str] | None = None,
+    hooks: ActivationOffload | None = None,
 ) -> OffloadStats | None:
     """Offload the checkpointed layers' inputs of a transformers model; None where it has no checkpointing.
 
     Gradient checkpointing must be on (non-reentrant) already; it stays on, each checkpoint call now
     under :class:`ActivationOffload`, installed with the model's own ``_set_gradient_checkpointing``,
-    where transformers installs its checkpoint function. Returns the counts of what moves.
+    where transformers installs its checkpoint function (replacing one installed before). ``hooks``:
+    the hooks to install instead of ``ActivationOffload(min_bytes, devices)`` (the memory plan's own).
+    Returns the counts of what moves.
     """
     from torch.utils.checkpoint import checkpoint
 
     if not is_checkpointing(model):
         return None
-    hooks = ActivationOffload(min_bytes=min_bytes, devices=devices)
+    hooks = hooks if hooks is not None else ActivationOffload(min_bytes=min_bytes, devices=devices)
     function = offloading(functools.partial(checkpoint, use_reentrant=False), hooks)
     if not set_checkpoint_function(model, function):
         return None

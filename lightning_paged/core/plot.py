@@ -21,6 +21,7 @@ from typing import Any
 from lightning_paged.core.atomic import atomic_write
 from lightning_paged.core.errors import BadInput
 from lightning_paged.core.eviction.log import read_jsonl
+from lightning_paged.core.eviction.prediction import comparison_for
 from lightning_paged.core.eviction.records import StepRecord
 from lightning_paged.core.eviction.summary import summarize
 
@@ -45,6 +46,9 @@ def report(
     summary = summarize(records, top_k=max(0, top))
     emit(run_note)
     emit(summary.render())
+    comparison = comparison_for(log, records)
+    if comparison is not None:
+        emit(comparison)
     if out is not None:
         write_plot(records, out, title=f"{log.name}: {run_note}", summary_text=summary.render())
         emit(f"wrote {out}")

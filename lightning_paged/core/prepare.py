@@ -29,7 +29,7 @@ from lightning_paged.core.deferred import deferred_directory
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fingerprint import Fingerprint, fingerprint
 from lightning_paged.core.fsdp import ShardReport
-from lightning_paged.core.qlora import ConversionReport, convert_to_qlora, is_qlora
+from lightning_paged.core.qlora import ConversionReport, LayerSource, convert_to_qlora, is_qlora
 from lightning_paged.core.qlora_config import QLORA_FIELDS, QLoRAConfig
 from lightning_paged.core.selection import select_target
 
@@ -89,6 +89,7 @@ def prepare_model(
     others_where: str | None = None,
     shard: Shard | None = None,
     before_conversion: Callable[[], None] | None = None,
+    layers: LayerSource | None = None,
 ) -> Prepared | None:
     """Convert ``module`` (or its ``model_attr`` submodule) to NF4 QLoRA in place; see the module for the steps.
 
@@ -97,8 +98,10 @@ def prepare_model(
     setting's name; ``others_where``: that of the front door's other settings (``model_attr``,
     ``block_class``), None to leave them as they are. ``shard`` converts and shards at once instead of the whole-model conversion.
     ``before_conversion`` runs after the fingerprint, right before anything draws random numbers
-    (a front door's re-seeding). Returns None when the target holds 4-bit layers already
-    (converted by hand or by an earlier call).
+    (a front door's re-seeding). ``layers`` makes each 4-bit layer instead of quantizing the
+    module's own weights (the memory plan's layers on the meta device): the weights do not come
+    from the module, so nothing is broadcast (the plan runs on rank zero alone). Returns None when
+    the target holds 4-bit layers already (converted by hand or by an earlier call).
     """
     try:
         target = select_target(module, model_attr)
@@ -106,7 +109,8 @@ def prepare_model(
         raise _located(err, where, others_where) from None
     if is_qlora(target):
         return None
-    if deferred_directory(target) is None:  # a directory model: every rank reads the files itself
+    # Ranks quantize rank zero's weights; a directory model's ranks read the files, a layer source makes them.
+    if deferred_directory(target) is None and layers is None:
         device = device if device is not None else _device_of(target)
         broadcast_from_rank_zero(target, device)
     taken = fingerprint(target, config)  # of the weights before quantization
@@ -117,7 +121,7 @@ def prepare_model(
         if shard is not None:
             report, shard_report = shard(target, config, device if device is not None else _device_of(target))
         else:
-            report = convert_to_qlora(target, config, device=device)
+            report = convert_to_qlora(target, config, device=device, layers=layers)
     except SettingError as err:
         raise _located(err, where, others_where) from None
     return Prepared(target, report, taken, config, adapter_place(module, target, model_attr), shard_report)

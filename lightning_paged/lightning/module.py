@@ -10,7 +10,12 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
 from lightning_paged.compat import lightning as lightning_compat
-from lightning_paged.core.causal_lm_loss import LossPlan, causal_lm_loss, fallback_message, loss_plan
+from lightning_paged.core.causal_lm_loss import (
+    LossPlan,
+    batch_loss,
+    fallback_message,
+    loss_plan,
+)
 from lightning_paged.core.encoding import Prompt
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.fsdp_optimizer import model_parameters
@@ -23,7 +28,6 @@ from lightning_paged.core.packing import (
     batch_tokens,
     check_packing_support,
     is_packed,
-    model_inputs,
     response_targets,
 )
 from lightning_paged.core.tokenizer import encode_texts, load_tokenizer
@@ -178,17 +182,16 @@ class CausalLMModule(PagedOptimizerMixin, LightningModule):
 
     def _loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean loss over the batch's response tokens (transformers' causal-LM loss, chunked by default)."""
-        inputs = model_inputs(batch, self.model)
-        if self.loss_kind == "standard":
-            return self.model(**inputs).loss
-        if self._loss_plan is None:  # read once the strategy has converted the model
+        if (
+            self.loss_kind == "chunked" and self._loss_plan is None
+        ):  # read once the strategy has converted the model
             self._loss_plan = loss_plan(self.model)
             if self._loss_plan.fallback is not None:
                 rank_zero_warn(
                     fallback_message(self._loss_plan.fallback)
                     + " Set model.loss to 'standard' to run it without this warning."
                 )
-        return causal_lm_loss(self.model, inputs, chunk_size=self.loss_chunk_size, plan=self._loss_plan)
+        return batch_loss(self.model, batch, self.loss_kind, self.loss_chunk_size, self._loss_plan)
 
     @override
     def on_fit_start(self) -> None:

@@ -17,6 +17,7 @@ from typing_extensions import override
 from lightning_paged.compat import lightning as lightning_compat
 from lightning_paged.core.errors import SettingError
 from lightning_paged.core.eviction.breakdown import memory_breakdown
+from lightning_paged.core.eviction.prediction import comparison_for
 from lightning_paged.core.eviction.recorder import EvictionRecorder
 from lightning_paged.core.eviction.run import (
     check_monitor_settings,
@@ -203,7 +204,8 @@ class EvictionMonitor(Callback):
         self.summary.memory = _memory(trainer, pl_module)
         text = share_summary(self.summary, trainer.global_rank, trainer.world_size, self._log_dir)
         if trainer.is_global_zero:
-            rank_zero_info(text)
+            comparison = comparison_for(self.path) if self.path is not None else None
+            rank_zero_info(text if comparison is None else f"{text}\n\n{comparison}")
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -29,3 +29,12 @@ def route_double_state_buffer(optimizer: Any, allocate: Any) -> None:
     replaces both on one optimizer instance.
     """
     optimizer._get_state_double_buffer = MethodType(allocate, optimizer)
+
+
+def quantize_param4bit(param: Any, device: Any) -> Any:
+    """Quantize a ``Params4bit`` on ``device`` as ``Params4bit.to(device)`` does (``Params4bit._quantize``, ``nn/modules.py``).
+
+    The memory plan quantizes on the meta device, where ``to`` would not: the fake kernels of
+    ``quantize_4bit``/``quantize_blockwise`` (``_ops.py``) give the real packed and absmax shapes.
+    """
+    return param._quantize(device)

@@ -6,8 +6,12 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 READ_FROM = "2.13.0"
+
+DispatchMode = TorchDispatchMode
+"""The base of a mode that sees every operator call (``torch.utils._python_dispatch.TorchDispatchMode``)."""
 
 
 def set_last_lr(scheduler: Any, lrs: list[float]) -> None:
@@ -55,6 +59,55 @@ def profiler_active() -> bool:
     return bool(getattr(torch.autograd.profiler, "_is_profiler_enabled", False))
 
 
+# Fake tensors and dispatch modes: the memory plan's dry run (``core/plan/``) stands on them. They live
+# in torch's private modules ``torch._subclasses.fake_tensor``, ``torch.utils._python_dispatch`` and
+# ``torch.utils._pytree`` (read from torch 2.13.0).
+
+
+def fake_tensor_mode() -> Any:
+    """A ``FakeTensorMode`` into which real tensors may flow (the batch, bitsandbytes' code tables)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    return FakeTensorMode(allow_non_fake_inputs=True)
+
+
+def is_fake(value: Any) -> bool:
+    """Whether ``value`` is a fake tensor (``torch._subclasses.fake_tensor.FakeTensor``)."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(value, FakeTensor)
+
+
+def is_fake_parameter(value: Any) -> bool:
+    """Whether ``value`` is a fake tensor standing for a plain ``nn.Parameter`` (a module's weight in a dry run).
+
+    ``Module.to_empty`` under a fake mode gives each parameter a ``FakeTensor`` flagged as a parameter
+    (``isinstance(value, nn.Parameter)`` holds, ``type(value) is nn.Parameter`` does not).
+    """
+    return is_fake(value) and isinstance(value, nn.Parameter)
+
+
+def real_tensors() -> Any:
+    """A context in which the active fake mode is off: operators run for real (``unset_fake_temporarily``)."""
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+    return unset_fake_temporarily()
+
+
+def value_dependent_errors() -> tuple[type[Exception], ...]:
+    """What a fake mode raises for an operator whose output depends on the values (``.item()``, ``nonzero``)."""
+    from torch._subclasses.fake_tensor import DataDependentOutputException, DynamicOutputShapeException
+
+    return (DataDependentOutputException, DynamicOutputShapeException)
+
+
+def tensor_leaves(tree: Any) -> list[Any]:
+    """The leaves of nested lists, tuples and dicts (``torch.utils._pytree.tree_leaves``)."""
+    from torch.utils._pytree import tree_leaves
+
+    return list(tree_leaves(tree))
+
+
 def has_module_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward or forward-pre hooks of its own (``nn.Module._forward_hooks``,
     ``_forward_pre_hooks``, ``torch/nn/modules/module.py``).
@@ -71,3 +124,12 @@ def view_base(tensor: torch.Tensor) -> torch.Tensor:
     """
     base = tensor._base
     return base if base is not None else tensor
+
+
+def index_put_impl() -> Any:
+    """The ATen overload ``index_put_`` dispatches to (``torch.ops.aten._index_put_impl_.default``).
+
+    ``aten/src/ATen/native/TensorAdvancedIndexing.cpp``: boolean-mask assignment reaches the dispatcher
+    as this private operator, so a dispatch mode that rewrites masks must name it.
+    """
+    return torch.ops.aten._index_put_impl_.default

@@ -31,8 +31,18 @@ def attn_implementation(model: Any) -> str | None:
     The config's own record of what ``attn_implementation=`` resolved to (``configuration_utils.py``,
     ``PreTrainedConfig._attn_implementation``); None for a model without a transformers config.
     """
-    config = getattr(model, "config", None)
+    return config_attn_implementation(getattr(model, "config", None))
+
+
+def config_attn_implementation(config: Any) -> str | None:
+    """What a config says its model's attention runs (``PreTrainedConfig._attn_implementation``), None if unset."""
     return getattr(config, "_attn_implementation", None)
+
+
+def set_config_attn_implementation(config: Any, implementation: str) -> None:
+    """Make a config's models run ``implementation`` attention (the setter of ``_attn_implementation``,
+    ``configuration_utils.py``), as ``attn_implementation=`` at ``from_config`` would."""
+    config._attn_implementation = implementation
 
 
 def apply_expert_gate(experts: Any, gate_up: Any) -> Any:

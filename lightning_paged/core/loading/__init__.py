@@ -8,7 +8,7 @@ every rank from the same files. Pre-quantized bitsandbytes 4-bit directories are
 
 from lightning_paged.core.deferred import deferred_directory
 from lightning_paged.core.loading.files import WeightFiles, WeightLoadError, find_weight_files
-from lightning_paged.core.loading.skeleton import empty_model
+from lightning_paged.core.loading.skeleton import directory_config, empty_model
 from lightning_paged.core.loading.stream import LoadReport, load_and_convert, load_unquantized
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "WeightFiles",
     "WeightLoadError",
     "deferred_directory",
+    "directory_config",
     "empty_model",
     "find_weight_files",
     "load_and_convert",

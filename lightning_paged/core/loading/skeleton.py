@@ -73,6 +73,19 @@ def check_causal_lm(config: Any, directory: Path) -> None:
     )
 
 
+def directory_config(path: str | Path) -> Any:
+    """The transformers config of a model directory (or of its ``config.json`` file); no weight file is read.
+
+    Its ``quantization_config`` is dropped: packed weights are read as they are, at conversion.
+    """
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     """The causal LM of a local model directory with its parameters on the meta device.
 
@@ -82,16 +95,14 @@ def empty_model(directory: str | Path, dtype: torch.dtype | None = None) -> Any:
     empty parameters (default: the config's ``dtype``/``torch_dtype``); the loaded weights take the
     dtypes the conversion gives them.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
     directory = Path(directory).expanduser().resolve()
     check_supported_quantization(directory)
     with WeightFiles(directory):  # every file's header read once: a missing or truncated file fails here
         pass
-    config = AutoConfig.from_pretrained(str(directory), local_files_only=True)
+    config = directory_config(directory)
     check_causal_lm(config, directory)
-    if hasattr(config, "quantization_config"):  # packed weights are read as they are, at conversion
-        del config.quantization_config
     with parameters_on_meta():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype or checkpoint_dtype(config))
     if (directory / "generation_config.json").is_file():

@@ -85,9 +85,21 @@ class QLoRAStrategyMixin:
     model_attr: str | None
     conversion_report: ConversionReport | None
 
-    def _init_qlora(self, config: QLoRAConfig, model_attr: str | None) -> None:
+    def _init_qlora(self, config: QLoRAConfig, model_attr: str | None, memory_check: str = "warn") -> None:
+        from lightning_paged.lightning.memory_check import MEMORY_CHECKS
+
+        if memory_check not in MEMORY_CHECKS:
+            raise SettingError(
+                "memory_check",
+                memory_check,
+                f"must be one of {', '.join(MEMORY_CHECKS)}",
+                where=SETTING_PREFIX,
+            )
         self.qlora = config
         self.model_attr = model_attr
+        self.memory_check = memory_check
+        self.memory_probe: Any = None
+        """Replaces the CUDA device's memory reader of the memory check (a CPU test's ``FakeProbe``)."""
         self.conversion_report = None
         self._converted: Any = None  # the LightningModule converted, once setup ran
         self._layers4bit: list[torch.nn.Module] = []
@@ -158,6 +170,9 @@ class QLoRAStrategyMixin:
         """
         if self._converted is module:
             return
+        from lightning_paged.lightning.memory_check import check_memory
+
+        check_memory(self, module, device, self.memory_check, self.memory_probe)
         prepared = prepare_model(
             module,
             self.qlora,

@@ -13,6 +13,7 @@ from typing_extensions import override
 
 from lightning_paged.core.errors import SettingError
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.memory_check import MemoryCheck
 from lightning_paged.lightning.strategies.base import SETTING_PREFIX, QLoRAStrategyMixin, qlora_settings
 
 
@@ -31,6 +32,9 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
 
     Args:
         model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
+        memory_check: Before training on a GPU, plan a step of the data's longest batch and ``"warn"`` when it
+            will not fit even with paging (naming what would make it fit), refuse the run (``"error"``), or skip
+            the check (``"off"``). See ``docs/plan.md``.
         find_unused_parameters: Needed when some adapted layer is not used in every forward.
         process_group_backend: ``"nccl"``, ``"gloo"``; by default the accelerator's.
         timeout: Collective timeout.
@@ -43,6 +47,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
     def __init__(
         self,
         model_attr: str | None = "auto",
+        memory_check: MemoryCheck = "warn",
         find_unused_parameters: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
@@ -75,7 +80,7 @@ class PagedQLoRADDPStrategy(QLoRAStrategyMixin, DDPStrategy):
             start_method="popen",
             find_unused_parameters=find_unused_parameters,
         )
-        self._init_qlora(config, model_attr)
+        self._init_qlora(config, model_attr, memory_check)
 
     @override
     def setup(self, trainer: pl.Trainer) -> None:

@@ -36,6 +36,7 @@ from lightning_paged.core.fsdp_optimizer import (
 from lightning_paged.core.qlora import ConversionReport, QLoRAConfig
 from lightning_paged.core.qlora_config import StorageDtype
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.memory_check import MemoryCheck
 from lightning_paged.lightning.strategies.base import (
     PLACES,
     SETTING_PREFIX,
@@ -71,6 +72,9 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             model's ``_no_split_modules``, else the largest ``nn.ModuleList`` of one class.
         reshard_after_forward: Free each block's gathered weights after its forward and gather
             them again for the backward (less memory, one more all-gather per block).
+        memory_check: Before training on a GPU, plan a step of the data's longest batch (this rank's share)
+            and ``"warn"`` when it will not fit even with paging, refuse the run (``"error"``), or skip the
+            check (``"off"``). See ``docs/plan.md``.
         process_group_backend: ``"nccl"``, ``"gloo"``; by default the accelerator's.
         timeout: Collective timeout.
         **qlora: The other QLoRA settings, :class:`~lightning_paged.QLoRAConfig`'s fields.
@@ -82,6 +86,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
         self,
         quant_storage: StorageDtype | None = None,
         model_attr: str | None = "auto",
+        memory_check: MemoryCheck = "warn",
         block_class: str | None = None,
         reshard_after_forward: bool = True,
         process_group_backend: str | None = None,
@@ -101,7 +106,7 @@ class PagedQLoRAFSDPStrategy(QLoRAStrategyMixin, ModelParallelStrategy):
             timeout=timeout,
         )
         self.checkpoint_io = AtomicCheckpointIO()
-        self._init_qlora(config, model_attr)
+        self._init_qlora(config, model_attr, memory_check)
         self.block_class = block_class
         self.reshard_after_forward = reshard_after_forward
         self.shard_report: ShardReport | None = None

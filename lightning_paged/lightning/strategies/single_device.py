@@ -12,6 +12,7 @@ from typing_extensions import override
 from lightning_paged.compat.lightning import Device as _DEVICE
 from lightning_paged.core.devices import check_one_device, chosen_device
 from lightning_paged.lightning.checkpoint_io import AtomicCheckpointIO
+from lightning_paged.lightning.memory_check import MemoryCheck
 from lightning_paged.lightning.strategies.base import PLACES, QLoRAStrategyMixin, qlora_settings
 
 
@@ -34,6 +35,9 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
 
     Args:
         model_attr: Which module to convert: ``"auto"``, ``None`` (the LightningModule) or an attribute path.
+        memory_check: Before training on a GPU, plan a step of the data's longest batch and ``"warn"`` when it
+            will not fit even with paging (naming what would make it fit), refuse the run (``"error"``), or skip
+            the check (``"off"``). See ``docs/plan.md``.
         device: The device; by default the one the Trainer's ``accelerator``/``devices`` select.
         **qlora: The QLoRA settings, :class:`~lightning_paged.QLoRAConfig`'s fields.
     """
@@ -43,6 +47,7 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
     def __init__(
         self,
         model_attr: str | None = "auto",
+        memory_check: MemoryCheck = "warn",
         device: _DEVICE | None = None,
         accelerator: pl.accelerators.Accelerator | None = None,
         checkpoint_io: Any = None,
@@ -56,7 +61,7 @@ class PagedQLoRAStrategy(QLoRAStrategyMixin, SingleDeviceStrategy):
             checkpoint_io=checkpoint_io if checkpoint_io is not None else AtomicCheckpointIO(),
             precision_plugin=precision_plugin,
         )
-        self._init_qlora(config, model_attr)
+        self._init_qlora(config, model_attr, memory_check)
         self._explicit_device = device is not None
         # Filled by the Trainer from accelerator/devices when the strategy is built from its name.
         self.parallel_devices: list[torch.device] | None = None
