@@ -166,7 +166,7 @@ def load_checks(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-@part("h", "streaming load on the device vs transformers 4-bit", budget_s=50)
+@part("h", "streaming load on the device vs transformers 4-bit", budget_s=45)
 def part_streaming_load(ctx: Context) -> dict[str, Any]:
     from common import fmt_bytes, run_worker
     from gpu_tokens import MODEL, QUICK_MODEL
@@ -199,7 +199,7 @@ def part_streaming_load(ctx: Context) -> dict[str, Any]:
     }
 
 
-@part("i", "pre-quantized load on the device", budget_s=35)
+@part("i", "pre-quantized load on the device", budget_s=30)
 def part_prequantized(ctx: Context) -> dict[str, Any]:
     import torch
     from safetensors import safe_open

@@ -59,7 +59,7 @@ def loss_check(model_shape: Any, data: list[dict], max_length: int, impl: str, d
     }
 
 
-@part("j", "packing vs padding with sdpa (and flash-attention)", budget_s=40)
+@part("j", "packing vs padding with sdpa (and flash-attention)", budget_s=35)
 def part_packing(ctx: Context) -> dict[str, Any]:
     import packing as bench
     from workloads import run_lightning_paged

@@ -4,8 +4,8 @@ A part is one function that takes a :class:`Context` and returns its result as a
 ``passed`` or ``failed``, a one-line ``headline``, and whatever figures it measured). It is declared
 where it lives with the :func:`part` decorator::
 
-    @part("k", "what it checks, in a few words", budget_s=40)
-    def part_k(ctx: Context) -> dict[str, Any]:
+    @part("m", "what it checks, in a few words", budget_s=40)
+    def part_m(ctx: Context) -> dict[str, Any]:
         ...                                   # on a CUDA GPU, or its CPU path when ctx.dry_run
         ctx.progress({"step": 1, ...})        # kept even if the part runs out of time
         return {"status": "passed", "headline": "..."}

@@ -46,7 +46,7 @@ def _on_cpu(workload: Any) -> Any:
     return replace(workload, device="cpu", compute_dtype="float32", gradient_checkpointing=False)
 
 
-@part("f", "tokens/s and peak device memory vs Trainer", budget_s=80)
+@part("f", "tokens/s and peak device memory vs Trainer", budget_s=60)
 def part_throughput(ctx: Context) -> dict[str, Any]:
     import gpu_tokens
 
@@ -73,7 +73,7 @@ def part_throughput(ctx: Context) -> dict[str, Any]:
     }
 
 
-@part("g", "longest sequence under a ballast, paged vs not", budget_s=100)
+@part("g", "longest sequence under a ballast, paged vs not", budget_s=65)
 def part_budget(ctx: Context) -> dict[str, Any]:
     import gpu_tokens
 

@@ -82,7 +82,7 @@ def check_brought_home(out: Path) -> list[Path]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("spec", "keys"), [("a-e", "abcde"), ("f-z", "fghij")])
+@pytest.mark.parametrize(("spec", "keys"), [("a-e", "abcde"), ("f-z", "fghijkl")])
 def test_each_call_runs_its_dry_run_and_brings_summary_and_archive_home(spec, keys, tmp_path, image_like_env):
     out = tmp_path / "OUT"
     done = subprocess.run(
@@ -127,7 +127,7 @@ def test_the_parts_import_without_what_the_gpu_image_lacks(image_like_env):
         "import sys; sys.path[:0] = ['bench', '.']\n"
         "import gpu_validate\n"
         "parts = gpu_validate.load_parts([])\n"
-        "import gpu_tokens, workloads, monitor_overhead, packing, load_memory\n"  # what the parts import when they run
+        "import gpu_tokens, workloads, monitor_overhead, packing, load_memory, long_sequence_gpu, plan_gpu\n"  # what the parts import
         "import lightning_paged, lightning_paged.lightning.mixin, lightning.pytorch, peft, bitsandbytes\n"
         "from transformers import Trainer, BitsAndBytesConfig\n"
         f"assert not [m for m in {ABSENT_ON_THE_GPU_IMAGE!r} if sys.modules.get(m) is not None]\n"
@@ -142,7 +142,7 @@ def test_the_parts_import_without_what_the_gpu_image_lacks(image_like_env):
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == "abcdefghij"
+    assert done.stdout.strip().splitlines()[-1] == "abcdefghijkl"
 
 
 DEMO_PARTS = """
@@ -283,8 +283,8 @@ def test_a_new_part_joins_call_two_and_runs(tmp_path, monkeypatch):
     folder.mkdir()
     (folder / "gpu_part_example.py").write_text(
         "from gpu_registry import part\n\n\n"
-        '@part("k", "an added part", budget_s=20)\n'
-        "def part_k(ctx):\n"
+        '@part("m", "an added part", budget_s=20)\n'
+        "def part_m(ctx):\n"
         '    ctx.path("figures.json").write_text("{}")\n'
         '    return {"status": "passed", "headline": "on " + ctx.device}\n'
     )
@@ -292,17 +292,17 @@ def test_a_new_part_joins_call_two_and_runs(tmp_path, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(folder), os.environ.get("PYTHONPATH", "")]))
     try:
         registry = gpu_validate.load_parts(["gpu_part_example"])
-        assert [p.key for p in gpu_registry.select("f-z", registry)][-1] == "k"
-        assert "k" not in [p.key for p in gpu_registry.select("a-e", registry)]
+        assert [p.key for p in gpu_registry.select("f-z", registry)][-1] == "m"
+        assert "m" not in [p.key for p in gpu_registry.select("a-e", registry)]
         raw = tmp_path / "raw"
-        args = ["--dry-run", "--part-module", "gpu_part_example", "--parts", "k", "--out-dir", str(raw)]
+        args = ["--dry-run", "--part-module", "gpu_part_example", "--parts", "m", "--out-dir", str(raw)]
         assert gpu_validate.main(args) == 0
-        assert json.loads((raw / "k.json").read_text())["headline"] == "on cpu"
-        assert (raw / "k_figures.json").is_file()
-        with pytest.raises(ValueError, match="part key 'k' is taken"):
-            gpu_registry.part("k", "another", budget_s=1)(lambda ctx: {})
+        assert json.loads((raw / "m.json").read_text())["headline"] == "on cpu"
+        assert (raw / "m_figures.json").is_file()
+        with pytest.raises(ValueError, match="part key 'm' is taken"):
+            gpu_registry.part("m", "another", budget_s=1)(lambda ctx: {})
     finally:
-        gpu_registry.PARTS.pop("k", None)
+        gpu_registry.PARTS.pop("m", None)
         sys.modules.pop("gpu_part_example", None)
 
 
@@ -311,10 +311,10 @@ def test_parts_are_chosen_by_ranges_and_lists(capsys):
     keys = lambda spec: "".join(p.key for p in gpu_registry.select(spec, registry))  # noqa: E731
     assert (keys("a-e"), keys("f-z"), keys("b,d"), keys("a-c,e"), keys(None)) == (
         "abcde",
-        "fghij",
+        "fghijkl",
         "bd",
         "abce",
-        "abcdefghij",
+        "abcdefghijkl",
     )
     for spec, message in (("b,z", "no part 'z'"), ("e-a", "not a range"), ("x-z", "selects no part")):
         with pytest.raises(ValueError, match=message):
