@@ -74,7 +74,16 @@ def part_long_sequences(ctx: Context) -> dict[str, Any]:
     from common import fmt_bytes
 
     if ctx.dry_run:
-        model = replace(long_sequence_gpu.QUICK, device="cpu", lengths=(256,), steps=2, chunk_size=64)
+        model = replace(
+            long_sequence_gpu.QUICK,
+            device="cpu",
+            vocab_size=4096,
+            hidden_size=128,
+            intermediate_size=256,
+            lengths=(128,),
+            steps=2,
+            chunk_size=32,
+        )
     else:
         model = replace(long_sequence_gpu.Model(), num_layers=8, lengths=(16384,), steps=2)
     rows = long_sequence_rows(model, K_VARIANTS, ctx)

@@ -67,7 +67,7 @@ def part_packing(ctx: Context) -> dict[str, Any]:
     from lightning_paged.core.packing import flash_boundaries
 
     if ctx.dry_run:
-        max_length, examples, steps = 256, 60, 2
+        max_length, examples, steps = 128, 40, 2
         shape = replace(bench.MODEL, device="cpu", compute_dtype="float32", seq_len=max_length)
     else:
         max_length, examples, steps = bench.MAX_LENGTH["long_tailed"], 600, 8

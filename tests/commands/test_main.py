@@ -234,10 +234,12 @@ def resume_run_args(run_dir: Path, steps: int = 6) -> list[str]:
     ]
 
 
-def _slow_cli(*args: str, **kwargs) -> subprocess.Popen:
+def _slow_cli(*args: str, slow: bool = True, **kwargs) -> subprocess.Popen:
+    """The command; ``slow``: with checkpoint writes slowed down so that a test can kill one mid-write."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [str(SLOW_CHECKPOINTS)] if slow else ["-m", "lightning_paged"]
     return subprocess.Popen(
-        [sys.executable, str(SLOW_CHECKPOINTS), *args],
+        [sys.executable, *command, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -276,7 +278,8 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
 
     reference, run = tmp_path / "reference", tmp_path / "run"
     checkpoints = run / "checkpoints"
-    processes = [_slow_cli(*resume_run_args(reference)), _slow_cli(*resume_run_args(run))]
+    # Only the run that is killed needs slow writes; the reference and the resume write at full speed.
+    processes = [_slow_cli(*resume_run_args(reference), slow=False), _slow_cli(*resume_run_args(run))]
     straight, killed = processes
     try:
         deadline = time.monotonic() + 400
@@ -296,7 +299,7 @@ def test_sigkill_during_a_checkpoint_write_then_resume_last_is_bit_identical(tmp
         # Step 4's row (logger step 3) was written before its checkpoints, so the kill kept it.
         assert sorted(train_losses(run)) == [0, 1, 2, 3]
 
-        resumed = _slow_cli(*resume_run_args(run), "--ckpt_path", "last")
+        resumed = _slow_cli(*resume_run_args(run), "--ckpt_path", "last", slow=False)
         processes.append(resumed)
         out = _finish(resumed)
         _finish(straight)
