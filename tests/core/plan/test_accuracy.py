@@ -43,8 +43,13 @@ TOLERANCE = 0.05
 QLORA = QLoRAConfig(compute_dtype="float32", lora_dropout=0.0)
 
 
-@pytest.mark.parametrize("size", list(SIZES))
-@pytest.mark.parametrize("optimizer", ["paged_adamw_8bit", "adamw_8bit"])
+# Every size paged; the unpaged optimizer (its state counted on the device, not paged) on the
+# smallest: what paging changes in the plan does not depend on the width (bench/memory_plan.py
+# publishes the whole grid).
+CASES = [(size, "paged_adamw_8bit") for size in SIZES] + [(next(iter(SIZES)), "adamw_8bit")]
+
+
+@pytest.mark.parametrize(("size", "optimizer"), CASES)
 def test_cpu_plan_is_within_5_percent_of_the_measured_step(size, optimizer):
     config = tiny_llama_config(vocab_size=384, max_position_embeddings=256, **SIZES[size])
     assert scalable(config)
