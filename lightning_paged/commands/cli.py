@@ -129,6 +129,7 @@ class PagedCLI(LightningCLI):
     def _run_subcommand(self, subcommand: str) -> None:
         try:
             super()._run_subcommand(subcommand)
+            end_process_group()
         except SettingError as err:
             raise locate_setting_error(err) from err
         except MisconfigurationException as err:
@@ -242,6 +243,20 @@ def parse_config(args: list[str], description: str = DESCRIPTION) -> Any:
         return _build(_ParsedCLI, None, run=False, description=description).config
     finally:
         sys.argv = saved
+
+
+def end_process_group() -> None:
+    """Destroy the default process group a finished multi-process run started, on every rank.
+
+    Lightning leaves it to the interpreter's exit, where gloo's worker threads can still hold work
+    objects: their destruction then aborts the process ("terminate called without an active
+    exception", exit code -6) after the run has finished (pytorch/pytorch#179291). Destroying the
+    group is local to each rank; no collective runs.
+    """
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, description: str = DESCRIPTION) -> PagedCLI:

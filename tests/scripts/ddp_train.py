@@ -87,3 +87,5 @@ def main(out_dir: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():  # gloo can abort at exit without it (see end_process_group)
+        torch.distributed.destroy_process_group()

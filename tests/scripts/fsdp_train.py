@@ -227,3 +227,5 @@ def run_single(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     (run_fsdp if sys.argv[1] == "fsdp" else run_single)(Path(sys.argv[2]))
+    if torch.distributed.is_initialized():  # gloo can abort at exit without it (see end_process_group)
+        torch.distributed.destroy_process_group()

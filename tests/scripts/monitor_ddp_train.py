@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
+import torch.distributed
 from torch.utils.data import DataLoader
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # conftest
@@ -36,3 +37,5 @@ def main(root: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    if torch.distributed.is_initialized():  # gloo can abort at exit without it (see end_process_group)
+        torch.distributed.destroy_process_group()
