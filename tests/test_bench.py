@@ -17,7 +17,6 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
 
 import gpu_tokens  # noqa: E402
-import plan_gpu  # noqa: E402
 from common import compare_runs, fmt_bytes, markdown_table, step_times  # noqa: E402
 
 CPU_SCRIPTS = (
@@ -168,21 +167,6 @@ def test_memory_plan_quick(quick_runs):
     }
     assert all(abs(r["error"]) <= 0.05 and r["measured_bytes"] > 0 for r in rows)
     assert "plan vs the same step measured" in markdown
-
-
-def test_the_gpu_comparison_of_the_plan_runs_its_code_on_cpu():
-    from lightning_paged.testing import tiny_llama_config
-
-    rows = plan_gpu.compare(
-        tiny_llama_config(num_hidden_layers=4).to_dict(),
-        seq_lens=(32, 64),
-        batch_size=2,
-        device="cpu",
-        qlora={"compute_dtype": "float32", "lora_dropout": 0.0},
-    )
-    assert [r["seq_len"] for r in rows] == [32, 64]
-    assert all(r["planned_allocated"] < r["planned_reserved"] and r["counted_on_device"] > 0 for r in rows)
-    assert "no GPU statistics" in plan_gpu.markdown(rows)
 
 
 def test_packing_quick(quick_runs):

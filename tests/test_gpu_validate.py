@@ -54,10 +54,9 @@ _metadata.Distribution.from_name = classmethod(_hidden)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9._-]+$")
 
 
-@pytest.fixture
-def image_like_env(tmp_path):
+def blocked_env(folder: Path) -> dict[str, str]:
     """An environment whose Python processes cannot import what the GPU image lacks."""
-    blocker = tmp_path / "blocker"
+    blocker = folder / "blocker"
     blocker.mkdir()
     (blocker / "sitecustomize.py").write_text(BLOCKER.format(absent=ABSENT_ON_THE_GPU_IMAGE))
     env = dict(os.environ, PYTHONPATH=str(blocker), PYTHON=sys.executable, OMP_NUM_THREADS="2")
@@ -66,6 +65,36 @@ def image_like_env(tmp_path):
         done = subprocess.run([sys.executable, "-c", f"import {name}"], env=env, capture_output=True)
         assert done.returncode != 0, f"the blocker let {name} import"
     return env
+
+
+@pytest.fixture
+def image_like_env(tmp_path):
+    return blocked_env(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def dry_runs(tmp_path_factory):
+    """Both calls' dry runs, started at once (their parts run one thread each; two cores serve both)."""
+    root = tmp_path_factory.mktemp("dry_runs")
+    env = blocked_env(root)
+    runs = {}
+    for spec in ("a-e", "f-z"):
+        out = root / spec / "OUT"
+        runs[spec] = (
+            out,
+            subprocess.Popen(
+                ["bash", str(BENCH / "gpu_validate.sh"), "--dry-run", "--parts", spec],
+                env=dict(env, OUT=str(out)),
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            ),
+        )
+    yield runs
+    for _, process in runs.values():
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
 
 
 def check_brought_home(out: Path) -> list[Path]:
@@ -83,16 +112,10 @@ def check_brought_home(out: Path) -> list[Path]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("spec", "keys"), [("a-e", "abcde"), ("f-z", "fghijkl")])
-def test_each_call_runs_its_dry_run_and_brings_summary_and_archive_home(spec, keys, tmp_path, image_like_env):
-    out = tmp_path / "OUT"
-    done = subprocess.run(
-        ["bash", str(BENCH / "gpu_validate.sh"), "--dry-run", "--parts", spec],
-        env=dict(image_like_env, OUT=str(out)),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+def test_each_call_runs_its_dry_run_and_brings_summary_and_archive_home(spec, keys, dry_runs):
+    out, process = dry_runs[spec]
+    output, _ = process.communicate(timeout=900)
+    assert process.returncode == 0, output[-6000:]
     files = check_brought_home(out)
     archive = out / f"gpu-validate-{spec}.tgz"
     assert {p.name for p in files} == {"summary.json", "summary.md", archive.name}
@@ -109,6 +132,7 @@ def test_each_call_runs_its_dry_run_and_brings_summary_and_archive_home(spec, ke
         assert not [n for n in members if n.endswith(".ckpt")]
         assert {f"summary-{spec}.json", f"summary-{spec}.md"} | {f"{k}.json" for k in keys} <= set(members)
         results = {k: json.load(tgz.extractfile(f"{k}.json")) for k in keys}
+        plan_table = tgz.extractfile("l_rows.md").read().decode() if "l_rows.md" in members else ""
     assert all(r["dry_run"] for r in results.values())
     if spec == "a-e":
         coverage = results["d"]["coverage"]
@@ -120,6 +144,13 @@ def test_each_call_runs_its_dry_run_and_brings_summary_and_archive_home(spec, ke
     else:
         assert results["h"]["checks"]["identical_quantization"]
         assert all(results["i"]["checks"].values())
+        assert results["k"]["checks"]["losses_agree"]  # the full logits and the chunks: the same loss
+        rows = results["l"]["rows"]  # the plan's GPU comparison, its code run on the CPU
+        assert [r["seq_len"] for r in rows] == [32, 64]
+        assert all(
+            r["planned_allocated"] < r["planned_reserved"] and r["counted_on_device"] > 0 for r in rows
+        )
+        assert "no GPU statistics" in plan_table
 
 
 def test_the_parts_import_without_what_the_gpu_image_lacks(image_like_env):
