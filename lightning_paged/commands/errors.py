@@ -20,6 +20,7 @@ Anything else is a bug and keeps its traceback. ``--traceback`` anywhere on the 
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -53,6 +54,14 @@ def run_command(command: Callable[[list[str]], int], argv: Sequence[str], prog: 
         if usage.hint:
             print(f"  {usage.hint}", file=sys.stderr)
         return USAGE_EXIT_CODE
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace | int:
+    """``parser.parse_args(argv)``; ``--help`` and argparse's own errors become the exit code they carry."""
+    try:
+        return parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
 
 
 def as_usage_error(err: BaseException) -> UsageError | None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lightning_paged.commands.errors import run_command
+from lightning_paged.commands.errors import parse_arguments, run_command
 from lightning_paged.commands.trained import Trained, read_trained
 from lightning_paged.core.atomic import staged_directory
 from lightning_paged.core.compare import LogitComparison, compare_logits
@@ -98,11 +98,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _export(argv: list[str]) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     result = export_run(
         args.run,
         args.out,

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from lightning_paged.commands.errors import run_command
+from lightning_paged.commands.errors import parse_arguments, run_command
 from lightning_paged.commands.trained import Trained, read_trained
 from lightning_paged.core.atomic import atomic_write
 from lightning_paged.core.data_files import read_records
@@ -81,11 +81,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _generate(argv: list[str]) -> int:
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exit_:
-        return int(exit_.code or 0)
+    args = parse_arguments(build_parser(), argv)
+    if isinstance(args, int):
+        return args
     written = generate_run(
         args.run,
         args.prompts,
